@@ -1,0 +1,1 @@
+"""Equilibrium Matching: models, objective, samplers, training and sampling."""

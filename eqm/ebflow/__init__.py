@@ -1,0 +1,1 @@
+"""Energy-based normalizing flows trained with score-matching objectives."""

@@ -1,0 +1,1 @@
+"""Triton kernels for the EqM hot path, each beside its plain-PyTorch reference."""

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+# torch is pinned exactly: an unpinned or ranged torch pulls a multi-GB CUDA build on a CPU machine.
+TORCH = "torch==2.13.0"
+TRITON = "triton==3.9.0; platform_system == 'Linux'"
+
+setup(
+    name="eqm-fast",
+    version="0.1.0",
+    description="Fast Equilibrium Matching (EqM) and energy-based normalizing flows (EBFlow) with Triton kernels",
+    packages=find_packages(include=["eqm", "eqm.*", "kernels", "kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[TORCH, TRITON, "numpy", "tqdm", "pillow", "scikit-learn", "matplotlib"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "vae": ["diffusers"],
+        "dali": ["nvidia-dali-cuda120"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "eqm-train=eqm.train:main",
+            "eqm-sample=eqm.sample:main",
+            "eqm-extract-latents=eqm.extract_latents:main",
+            "eqm-ebflow=eqm.ebflow.train:main",
+        ]
+    },
+)
