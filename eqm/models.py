@@ -1,0 +1,465 @@
+"""EqM: the SiT/DiT transformer with adaLN-Zero, state-dict compatible with the published EqM checkpoints.
+
+Read top to bottom: the hot ops (LayerNorm+modulate, gated residual, attention) are small functions,
+each with a `fused` switch that routes it to `kernels/` with the same weights; then the embedders,
+the block, the final layer, the model (incl. the explicit-energy variant EqM-E) and the registry.
+"""
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LN_EPS = 1e-6
+EBM_TYPES = ("none", "dot", "l2", "mean")
+
+
+#################################################################################
+#                      Hot ops (reference, or kernels/ when fused)              #
+#################################################################################
+
+_missing_kernels = set()
+
+
+def _kernel(name):
+    """The fused op `kernels.<name>`, or None (with a one-time warning) when kernels/ lacks it."""
+    try:
+        import kernels
+        fn = getattr(kernels, name)
+    except (ImportError, AttributeError):
+        if name not in _missing_kernels:
+            _missing_kernels.add(name)
+            warnings.warn(f"fused=True but kernels.{name} is unavailable; using the PyTorch reference op")
+        return None
+    return fn
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation: x (N, T, D) scaled and shifted per sample by (N, D) vectors."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def adaln_modulate(x, shift, scale, fused=False):
+    """LayerNorm (no affine, eps 1e-6) followed by `modulate`."""
+    if fused and (fn := _kernel("adaln_modulate")) is not None:
+        return fn(x, shift, scale, eps=LN_EPS)
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=LN_EPS), shift, scale)
+
+
+def gated_residual(x, gate, y):
+    """x + gate * y with a per-sample (N, D) gate."""
+    return x + gate.unsqueeze(1) * y
+
+
+def gated_residual_adaln(x, gate, y, shift, scale, fused=False):
+    """(x_new, h): x_new = x + gate * y, then h = adaln_modulate(x_new, shift, scale)."""
+    if fused and (fn := _kernel("gated_residual_adaln")) is not None:
+        return fn(x, gate, y, shift, scale, eps=LN_EPS)
+    x = gated_residual(x, gate, y)
+    return x, adaln_modulate(x, shift, scale)
+
+
+def attn_core(q, k, v, fused=False, double_grad=False):
+    """softmax(q k^T / sqrt(Dh)) v on (B, H, N, Dh).
+
+    double_grad: use plain matmul+softmax, which is twice differentiable everywhere (EqM-E training);
+    the SDPA flash/efficient backends are not.
+    """
+    if double_grad:
+        w = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
+        return w @ v
+    if fused and (fn := _kernel("attention")) is not None:
+        return fn(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+#################################################################################
+#                     Layers: patch embed, attention, MLP                       #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with a stride-p convolution; T = (H/p) * (W/p)."""
+
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, fused=False, double_grad=False):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = attn_core(qkv[0], qkv[1], qkv[2], fused=fused, double_grad=double_grad)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Class Labels                 #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Scalar t -> [cos(t f), sin(t f)] (256 dims) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        """(N,) -> (N, dim) sinusoidal features, cosines first (GLIDE layout)."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector; row `num_classes` is the null label, used for dropout / CFG."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        """Replace labels by the null label with probability dropout_prob (or where force_drop_ids == 1)."""
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core EqM Model                                #
+#################################################################################
+
+class EqMBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c, fused=False, double_grad=False):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        fused = fused and not double_grad  # kernels are not twice differentiable: route around them
+        h = adaln_modulate(x, shift_msa, scale_msa, fused)
+        y = self.attn(h, fused=fused, double_grad=double_grad)
+        x, h = gated_residual_adaln(x, gate_msa, y, shift_mlp, scale_mlp, fused)
+        return gated_residual(x, gate_mlp, self.mlp(h))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear map to p*p*out_channels values per token."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c, fused=False):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(adaln_modulate(x, shift, scale, fused))
+
+
+class EqM(nn.Module):
+    """Equilibrium Matching transformer: x -> time-free gradient field f(x) of the same shape.
+
+    uncond: feed t = 0 to the time embedder (EqM's setting; the embedder's weights still exist).
+    ebm: "none" outputs the head directly; "dot"/"mean" (E = sum(f * x)) and "l2" (E = -|f|^2 / 2)
+        output grad_x E (EqM-E), computed with autograd even under torch.no_grad().
+    fused: route LayerNorm+modulate, gated residual and attention through kernels/ (switchable at run time).
+    """
+
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        uncond=True,
+        ebm="none",
+        fused=False,
+    ):
+        super().__init__()
+        if ebm not in EBM_TYPES:
+            raise ValueError(f"ebm must be one of {EBM_TYPES}, got {ebm!r}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.input_size = input_size
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.uncond = uncond
+        self.ebm = ebm
+        self.fused = fused
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.num_patches = (input_size // patch_size) ** 2
+        # Fixed sin-cos embedding, stored as a frozen parameter as in the published checkpoints.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([EqMBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier linears with zero bias; adaLN and output layers zeroed, so f = 0 at init."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        if self.pos_embed.device.type != "meta":
+            grid = self.input_size // self.patch_size
+            pos = get_2d_sincos_pos_embed(self.hidden_size, grid)
+            self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+
+        w = self.x_embedder.proj.weight.data  # initialised like a Linear, not a Conv2d
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*c) -> (N, c, H, W); the channel index runs fastest in each token."""
+        c, p = self.out_channels, self.patch_size
+        h = w = self.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(self, x, t, y):
+        """Clear errors for inputs the model was not built for."""
+        if x.dim() != 4:
+            raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"x has {c} channels but the model was built with in_channels={self.in_channels}")
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input {h}x{w} is not divisible by patch_size {self.patch_size}")
+        if h != self.input_size or w != self.input_size:
+            raise ValueError(f"input is {h}x{w} but the model was built for {self.input_size}x{self.input_size}; "
+                             f"build it with input_size={h} (square inputs only)")
+        if y.shape != (n,):
+            raise ValueError(f"y must be ({n},) class labels, got shape {tuple(y.shape)}")
+        if y.dtype.is_floating_point:
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if y.device.type == "cpu" and n and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null label), "
+                             f"got range [{int(y.min())}, {int(y.max())}]")
+
+    def _head(self, x, t, y, train, double_grad=False):
+        """The transformer proper: (first C channels of the head output, per-block activations)."""
+        if t is None or self.uncond:
+            t = torch.zeros(x.shape[0], device=x.device)
+        elif t.dim() == 0:
+            t = t.expand(x.shape[0])
+        fused = self.fused
+        x = self.x_embedder(x) + self.pos_embed           # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, train or self.training)  # (N, D)
+        act = []
+        for block in self.blocks:
+            x = block(x, c, fused=fused, double_grad=double_grad)
+            act.append(x)
+        x = self.final_layer(x, c, fused=fused and not double_grad)
+        x = self.unpatchify(x)                             # (N, out_channels, H, W)
+        if self.learn_sigma:
+            x = x[:, : self.in_channels]
+        return x, act
+
+    def energy(self, head, x):
+        """Per-sample energy E (N,) of EqM-E from the head output and the input."""
+        if self.ebm in ("dot", "mean"):  # the published code makes "mean" identical to "dot"
+            return (head * x).flatten(1).sum(1)
+        if self.ebm == "l2":
+            return -0.5 * head.flatten(1).pow(2).sum(1)
+        raise ValueError("get_energy needs an explicit-energy model: build it with ebm='dot', 'l2' or 'mean'")
+
+    def forward(self, x, t, y, return_act=False, get_energy=False, train=False):
+        """Gradient field f(x), shape (N, C, H, W).
+
+        x: (N, C, H, W) inputs; t: (N,) times (ignored when uncond, may be None); y: (N,) labels.
+        return_act: also return the list of per-block activations (N, T, D): (f, act).
+        get_energy: return the per-sample energy E (N,) instead of f (EqM-E only).
+        train: training call: drops labels (as training mode does) and, for EqM-E, keeps the graph of
+            grad_x E (create_graph) so the loss backpropagates through it. EqM-E also keeps that graph
+            whenever grad mode is on; under torch.no_grad() it returns a detached gradient.
+        """
+        self._check_inputs(x, t, y)
+        if self.ebm == "none" or get_energy:
+            head, act = self._head(x, t, y, train)
+            out = self.energy(head, x) if get_energy else head
+            return (out, act) if return_act else out
+
+        create_graph = bool(train or torch.is_grad_enabled())
+        with torch.enable_grad():
+            x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
+            head, act = self._head(x_in, t, y, train, double_grad=create_graph)
+            energy = self.energy(head, x_in)
+            out = torch.autograd.grad(energy.sum(), x_in, create_graph=create_graph)[0]
+        if not create_graph:
+            act = [a.detach() for a in act]
+        return (out, act) if return_act else out
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3, train=False):
+        """Classifier-free guidance on a doubled batch: first half conditional labels, second half null.
+
+        Like the published code, only x[: N/2] is used (duplicated) and guidance acts on the first
+        `cfg_channels` channels (3, the published default, or "all"); the other channels keep each
+        half's own prediction.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y, train=train)
+        return cfg_combine(out, cfg_scale, cfg_channels)
+
+    @property
+    def num_params(self):
+        """Number of parameters, the frozen pos_embed included (as the published counts)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def cfg_combine(out, cfg_scale, cfg_channels=3):
+    """CFG on a doubled batch `out` = [cond; uncond]: uncond + s * (cond - uncond) on the guided channels."""
+    n_ch = out.shape[1] if cfg_channels == "all" else int(cfg_channels)
+    if not 0 < n_ch <= out.shape[1]:
+        raise ValueError(f"cfg_channels must be 'all' or in 1..{out.shape[1]}, got {cfg_channels!r}")
+    guided, rest = out[:, :n_ch], out[:, n_ch:]
+    cond, uncond = guided.chunk(2, dim=0)
+    half = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """(grid_size**2, embed_dim) MAE layout: first half encodes the column (w), second half the row (h)."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # w first
+    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, grid[0])
+    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, grid[1])
+    return np.concatenate([emb_w, emb_h], axis=1)
+
+
+def get_1d_sincos_pos_embed(embed_dim, pos):
+    """(M, embed_dim) = [sin(pos * w), cos(pos * w)], w_k = 1 / 10000^(k / (embed_dim / 2))."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos position embedding needs an even dimension, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                   EqM Configs                                 #
+#################################################################################
+
+# name -> (depth, hidden_size, num_heads, patch_size). The twelve published sizes, then small CPU sizes.
+EqM_configs = {
+    f"EqM-{size}/{p}": (depth, hidden, heads, p)
+    for size, depth, hidden, heads in [("XL", 28, 1152, 16), ("L", 24, 1024, 16), ("B", 12, 768, 12), ("S", 12, 384, 6)]
+    for p in (2, 4, 8)
+}
+EqM_configs.update({"EqM-Ti/2": (6, 192, 3, 2), "EqM-Ti/4": (6, 192, 3, 4)})
+
+
+def _factory(name):
+    depth, hidden, heads, patch = EqM_configs[name]
+
+    def build(**kwargs):
+        return EqM(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
+    build.__name__ = name.replace("-", "_").replace("/", "_")
+    build.__doc__ = f"{name}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
+    return build
+
+
+EqM_models = {name: _factory(name) for name in EqM_configs}
+
+
+def create_model(name, **kwargs):
+    """Build a registry model by name, e.g. create_model("EqM-B/2", input_size=32, num_classes=1000)."""
+    if name not in EqM_models:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(EqM_models)}")
+    return EqM_models[name](**kwargs)
+
+
+def config_name(depth, hidden_size, patch_size):
+    """Registry name with these sizes (e.g. "EqM-S/2"), or a description when none matches."""
+    for name, (d, h, _, p) in EqM_configs.items():
+        if (d, h, p) == (depth, hidden_size, patch_size):
+            return name
+    return f"a custom EqM (hidden {hidden_size}, depth {depth}, patch {patch_size})"

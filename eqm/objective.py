@@ -1,0 +1,66 @@
+"""The Equilibrium Matching objective, with the sign convention of the published code.
+
+xt = t*x1 + (1-t)*x0 (x1 data, x0 noise), target = (x1 - x0) * c(t), c(t) = lam * min(1, (1-t)/(1-a)).
+The network learns target = -grad E, so samplers add eta * f(x).
+"""
+import torch
+
+
+def eqm_target_scale(t, a=0.8, lam=4.0):
+    """c(t) = lam * min(1, (1 - t) / (1 - a)): lam up to t = a, then linearly down to 0 at t = 1."""
+    if not 0.0 <= a < 1.0:
+        raise ValueError(f"a must lie in [0, 1), got {a}")
+    return lam * torch.clamp((1 - t) / (1 - a), max=1.0)
+
+
+def _bcast(v, x):
+    """(N,) -> (N, 1, 1, ...) matching x's rank."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def eqm_interpolate(x1, x0, t, a=0.8, lam=4.0):
+    """(xt, target) for data x1, noise x0 and per-sample times t (N,)."""
+    tb = _bcast(t, x1).to(x1.dtype)
+    xt = tb * x1 + (1 - tb) * x0
+    target = (x1 - x0) * _bcast(eqm_target_scale(t, a, lam), x1).to(x1.dtype)
+    return xt, target
+
+
+def dispersive_loss(act, tau=1.0):
+    """Dispersive loss (InfoNCE-L2 form) of one activation (N, ...): log mean_ij exp(-|z_i - z_j|^2 / (D tau))."""
+    z = act.reshape(act.shape[0], -1)
+    d2 = torch.cdist(z, z).pow(2) / z.shape[1]
+    return torch.logsumexp(-d2.flatten() / tau, dim=0) - torch.log(torch.tensor(float(d2.numel())))
+
+
+def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None, t=None, train=True,
+                        disp_weight=0.5):
+    """EqM loss terms for a batch of data x1 (N, C, H, W).
+
+    model is called as model(xt, t, **model_kwargs) (model_kwargs holds y; train=True is added unless given).
+    noise / t: fixed x0 ~ N(0, I) and t ~ U[0, 1) (N,) for reproducible tests; drawn when None.
+    Returns {"loss": per-sample (N,), "pred", "target", "t"}; when the model returns activations
+    (return_act=True, the published --disp) also "disp_loss" (a scalar, already added to "loss"
+    with weight disp_weight; the activation used is the last block's).
+    """
+    model_kwargs = dict(model_kwargs or {})
+    model_kwargs.setdefault("train", train)
+    n = x1.shape[0]
+    x0 = torch.randn_like(x1) if noise is None else noise
+    if x0.shape != x1.shape:
+        raise ValueError(f"noise shape {tuple(x0.shape)} does not match data shape {tuple(x1.shape)}")
+    if t is None:
+        t = torch.rand(n, device=x1.device)
+    elif t.shape != (n,):
+        raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
+    xt, target = eqm_interpolate(x1, x0, t, a, lam)
+    out = model(xt, t, **model_kwargs)
+    pred, act = out if isinstance(out, tuple) else (out, None)
+    loss = (pred - target).pow(2).flatten(1).mean(1)
+    terms = {"pred": pred, "target": target, "t": t}
+    if act is not None:
+        disp = dispersive_loss(act[-1] if isinstance(act, (list, tuple)) else act)
+        terms["disp_loss"] = disp
+        loss = loss + disp_weight * disp
+    terms["loss"] = loss
+    return terms

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from eqm.objective import dispersive_loss, eqm_interpolate, eqm_target_scale, eqm_training_losses
+from model_helpers import randomize_, tiny_eqm
+
+
+def test_target_scale_values():
+    t = torch.tensor([0.0, 0.5, 0.8, 0.85, 0.9, 1.0])
+    torch.testing.assert_close(eqm_target_scale(t), torch.tensor([4.0, 4.0, 4.0, 3.0, 2.0, 0.0]))
+    torch.testing.assert_close(eqm_target_scale(t, a=0.5, lam=2.0), torch.tensor([2.0, 2.0, 0.8, 0.6, 0.4, 0.0]))
+    with pytest.raises(ValueError, match="a must"):
+        eqm_target_scale(t, a=1.0)
+
+
+class FakeModel:
+    """f(x) = 2x + y (per sample), records its arguments."""
+
+    def __call__(self, x, t, y, train=False):
+        self.t, self.train = t, train
+        return 2 * x + y.float().view(-1, 1, 1, 1)
+
+
+def test_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    x1, x0 = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    t = torch.tensor([0.1, 0.8, 0.95])
+    y = torch.tensor([0, 1, 2])
+    model = FakeModel()
+    out = eqm_training_losses(model, x1, dict(y=y), noise=x0, t=t)
+    assert model.train is True and torch.equal(model.t, t)
+    for i in range(3):
+        ti = t[i].item()
+        xt = ti * x1[i] + (1 - ti) * x0[i]
+        c = 4.0 * min(1.0, (1 - ti) / 0.2)
+        target = (x1[i] - x0[i]) * c
+        pred = 2 * xt + y[i]
+        torch.testing.assert_close(out["target"][i], target)
+        torch.testing.assert_close(out["pred"][i], pred)
+        torch.testing.assert_close(out["loss"][i], ((pred - target) ** 2).mean())
+    assert out["loss"].shape == (3,)
+
+
+def test_interpolate_endpoints():
+    x1, x0 = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    xt, target = eqm_interpolate(x1, x0, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(xt[0], x0[0])
+    torch.testing.assert_close(xt[1], x1[1])
+    torch.testing.assert_close(target[0], 4 * (x1[0] - x0[0]))
+    assert torch.equal(target[1], torch.zeros_like(target[1]))
+
+
+def test_real_model_loss_backprops_and_draws_t():
+    torch.manual_seed(0)
+    model = tiny_eqm()
+    x1 = torch.randn(4, 4, 8, 8)
+    out = eqm_training_losses(model, x1, dict(y=torch.tensor([0, 1, 2, 3])))
+    assert out["loss"].shape == (4,) and ((out["t"] >= 0) & (out["t"] < 1)).all()
+    # f = 0 at init, so the loss is exactly the mean squared target.
+    torch.testing.assert_close(out["loss"], out["target"].pow(2).flatten(1).mean(1))
+    out["loss"].mean().backward()
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_disp_loss_added_when_activations_returned():
+    torch.manual_seed(0)
+    model = randomize_(tiny_eqm()).eval()
+    x1, x0, t = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), torch.rand(4)
+    kw = dict(y=torch.tensor([0, 1, 2, 3]))
+    plain = eqm_training_losses(model, x1, kw, noise=x0, t=t)
+    disp = eqm_training_losses(model, x1, dict(kw, return_act=True), noise=x0, t=t)
+    torch.testing.assert_close(disp["loss"], plain["loss"] + 0.5 * disp["disp_loss"])
+    # Hand form: log of the mean over all pairs (i, j) of exp(-|z_i - z_j|^2 / D).
+    z = torch.randn(5, 3)
+    d2 = ((z[:, None] - z[None]) ** 2).sum(-1) / 3
+    torch.testing.assert_close(dispersive_loss(z), torch.log(torch.exp(-d2).mean()))
+
+
+def test_bad_noise_or_t_shape():
+    x1 = torch.randn(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="noise shape"):
+        eqm_training_losses(FakeModel(), x1, dict(y=torch.tensor([0, 1])), noise=torch.randn(2, 1, 2, 3))
+    with pytest.raises(ValueError, match="t must"):
+        eqm_training_losses(FakeModel(), x1, dict(y=torch.tensor([0, 1])), t=torch.rand(3))
