@@ -1,0 +1,145 @@
+"""Checkpoints: atomic save, and a safe load (weights_only=True) that also reads the published files.
+
+Format: {"model", "ema", "opt", "args"} as published, plus "step" and "data_state" (whatever the trainer
+passes) so a resumed run continues where it stopped. Files from the published code carry a pickled
+argparse.Namespace; that class (and only it) is allow-listed, so a file from the internet cannot run code.
+"""
+import argparse
+import os
+import pickle
+import tempfile
+
+import torch
+
+from eqm.models import config_name
+
+SAFE_GLOBALS = [argparse.Namespace]
+_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+_PLAIN = (torch.Tensor, str, int, float, bool, type(None), torch.Size, torch.dtype, argparse.Namespace)
+
+
+def _check_loadable(obj, where="state"):
+    """Raise TypeError for values that load_checkpoint (weights_only) would refuse, e.g. numpy arrays."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_loadable(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_loadable(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which a weights_only load "
+                        f"refuses; store tensors, numbers, strings, lists or dicts instead")
+
+
+def save_checkpoint(path, state):
+    """Write `state` (a dict) to `path` atomically: a temp file in the same folder, then os.replace."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    _check_loadable(state)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True; argparse.Namespace (the published `args`) is allowed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: we never do that
+        why = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), str(e)[:200])
+        raise RuntimeError(f"refusing to load {path}: it holds objects other than tensors, plain containers "
+                           f"and argparse.Namespace, which could run code when unpickled ({why.split('. Please')[0]})"
+                           ) from e
+
+
+def _is_state_dict(d):
+    return isinstance(d, dict) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _strip_prefixes(sd):
+    out = {}
+    for k, v in sd.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def describe_state_dict(sd):
+    """Model size read from the tensor shapes, e.g. "EqM-S/2 (hidden 384, depth 12, patch 2)"."""
+    try:
+        w = sd["x_embedder.proj.weight"]
+        hidden, patch = w.shape[0], w.shape[-1]
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    except (KeyError, IndexError):
+        return "not an EqM state dict"
+    name = config_name(depth, hidden, patch)
+    size = f"hidden {hidden}, depth {depth}, patch {patch}"
+    return f"{name} ({size})" if name.startswith("EqM-") else name
+
+
+def _mismatch_details(model_sd, sd):
+    """Readable description of what differs between the two state dicts (beyond the size)."""
+    lines = []
+    for key, what in [("pos_embed", "tokens (input_size / patch)"), ("x_embedder.proj.weight", "input channels"),
+                      ("y_embedder.embedding_table.weight", "label rows (num_classes + null)"),
+                      ("final_layer.linear.weight", "output width (learn_sigma)")]:
+        if key in sd and key in model_sd and sd[key].shape != model_sd[key].shape:
+            lines.append(f"{key} ({what}): checkpoint {tuple(sd[key].shape)} vs model {tuple(model_sd[key].shape)}")
+    missing = sorted(set(model_sd) - set(sd))
+    unexpected = sorted(set(sd) - set(model_sd))
+    if missing:
+        lines.append(f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        lines.append(f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    return lines
+
+
+def select_state_dict(ckpt, prefer="ema"):
+    """(state_dict, source) from a full checkpoint, an ema-only file or a bare state dict."""
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    if _is_state_dict(ckpt):
+        return ckpt, "state_dict"
+    if isinstance(ckpt, dict):
+        for key in (prefer, "model" if prefer == "ema" else "ema"):
+            if _is_state_dict(ckpt.get(key)):
+                return ckpt[key], key
+    keys = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise ValueError(f"no model weights found: expected 'ema' or 'model' entries or a bare state dict, got {keys}")
+
+
+def load_model_state(model, path_or_dict, prefer="ema", strict=True):
+    """Load weights into `model` from a path or a loaded dict; returns the entry used ("ema", "model", ...).
+
+    Accepts a full checkpoint, an ema-only file ({"ema": ...}) or a bare state dict; strips DDP/compile
+    prefixes. A different model size fails with a message naming both sizes.
+    """
+    ckpt = load_checkpoint(path_or_dict) if isinstance(path_or_dict, (str, os.PathLike)) else path_or_dict
+    sd, source = select_state_dict(ckpt, prefer)
+    sd = _strip_prefixes(sd)
+    model_sd = model.state_dict()
+    details = _mismatch_details(model_sd, sd)
+    if details and (strict or any(sd[k].shape != model_sd[k].shape for k in set(sd) & set(model_sd))):
+        have, want = describe_state_dict(sd), describe_state_dict(model_sd)
+        head = (f"checkpoint is {have} but model is {want}" if have != want
+                else f"checkpoint and model are both {have} but differ")
+        raise ValueError(head + ":\n  " + "\n  ".join(details))
+    model.load_state_dict(sd, strict=strict)
+    return source
