@@ -1,0 +1,83 @@
+"""Small helpers shared by the CLIs: image conversion, grids, logging, EMA."""
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(x):
+    """(N, C, H, W) float in [-1, 1] -> (N, H, W, 3) uint8 numpy, as the ADM evaluator expects."""
+    x = torch.clamp(127.5 * x.detach().float() + 128.0, 0, 255).to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != 3:
+        raise ValueError(f"cannot turn {x.shape[1]}-channel tensors into RGB images")
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images, nrow=None, pad=1, min_tile=48):
+    """Tile (N, H, W, 3) uint8 images into one uint8 array; tiny tiles are upscaled (nearest) for viewing."""
+    n, h, w, _ = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    ncol = math.ceil(n / nrow)
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+    grid = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    return grid
+
+
+def save_image_grid(x, path, nrow=None):
+    """Save a (N, C, H, W) tensor in [-1, 1] (or (N, H, W, 3) uint8 array) as one PNG grid."""
+    images = x if isinstance(x, np.ndarray) else to_uint8(x)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(make_grid(images, nrow=nrow)).save(path)
+    return path
+
+
+def create_logger(logging_dir=None, rank=0, name="eqm"):
+    """Logger writing to stdout and `logging_dir/log.txt` on rank 0; silent on other ranks."""
+    logger = logging.getLogger(f"{name}.{rank}.{logging_dir}")
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank != 0:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    logger.setLevel(logging.INFO)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    handlers = [logging.StreamHandler()]
+    if logging_dir is not None:
+        handlers.append(logging.FileHandler(os.path.join(logging_dir, "log.txt")))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    return logger
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    """ema <- decay * ema + (1 - decay) * model, over all parameters (pos_embed included, as published)."""
+    ema_params = list(ema_model.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def requires_grad(model, flag=True):
+    """Set requires_grad on every parameter of `model`."""
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+def format_config(args, keys=None):
+    """One line per resolved option, for printing at start-up."""
+    d = vars(args)
+    keys = keys or sorted(d)
+    width = max(len(k) for k in keys)
+    return "\n".join(f"  {k:<{width}} = {d[k]}" for k in keys)
