@@ -1,0 +1,182 @@
+"""Encode an ImageFolder once with the VAE into sharded .npy latents (see eqm/latents.py for the layout).
+
+    python -m eqm.extract_latents --data-path /data/imagenet/train --vae ema --image-size 256 \
+        --out /data/imagenet256_latents --flip-both
+    torchrun --nproc_per_node=8 -m eqm.extract_latents ...     # each rank encodes shards k % world == rank
+
+Images get the ADM center crop (eqm.data); latents are one posterior sample times 0.18215, as the
+reference training draws per step (fast-DiT stores one sample too). A shard's files are written to a
+temporary name and renamed, and shard_XXXXX.json is written last, so an interrupted run resumes by
+skipping finished shards. The manifest (latents.json) appears only when every shard is done.
+"""
+import argparse
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eqm.latents import FORMAT, MANIFEST, shard_name
+
+
+def _atomic_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _open_npy(path, dtype, shape):
+    """A writable memory-mapped .npy at a temporary name; returns (array, tmp_path)."""
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape), tmp
+
+
+def _commit_npy(arr, tmp, path):
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+
+
+def _list_digest(samples, root):
+    h = hashlib.sha1()
+    for p, label in samples:
+        h.update(f"{os.path.relpath(p, root)}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def extract_latents(data_path, out, vae, vae_name, image_size=256, flip_both=False, batch_size=64,
+                    shard_size=10000, dtype="float16", seed=0, rank=0, world_size=1, num_workers=4,
+                    device="cpu", encode=None):
+    """Encode this rank's shards of `data_path` into `out`; returns the list of shard indices it wrote.
+
+    `vae` is a diffusers AutoencoderKL (or anything `encode(vae, x)` accepts), `vae_name` is recorded in
+    the manifest. Shard k holds images [k * shard_size, (k + 1) * shard_size) of the sorted file list.
+    """
+    from eqm.data import ImageFolder
+    from eqm.vae import LATENT_SCALE
+    from eqm.vae import encode as vae_encode
+
+    encode = encode or vae_encode
+    dataset = ImageFolder(data_path, image_size)
+    n = len(dataset)
+    num_shards = (n + shard_size - 1) // shard_size
+    os.makedirs(out, exist_ok=True)
+    config = dict(format=FORMAT, image_size=image_size, vae=vae_name, scale_factor=LATENT_SCALE, dtype=dtype,
+                  flip_both=flip_both, shard_size=shard_size, seed=seed, count=n, classes=dataset.classes,
+                  files_sha1=_list_digest(dataset.samples, data_path))
+    mine = [k for k in range(num_shards) if k % world_size == rank]
+    todo = []
+    for k in mine:
+        done = os.path.join(out, shard_name("shard", k))
+        if os.path.isfile(done):
+            with open(done) as f:
+                prev = json.load(f)["config"]
+            if prev != config:
+                diff = sorted(key for key in config if prev.get(key) != config[key])
+                raise ValueError(f"{out!r} holds shards extracted with other settings ({', '.join(diff)} differ); "
+                                 "use a new --out folder or delete that one")
+        else:
+            todo.append(k)
+    total = sum(min(shard_size, n - k * shard_size) for k in todo)
+    bar = tqdm(total=total, desc=f"encode rank {rank}", unit="img", disable=rank != 0 or total == 0)
+    latent_shape = None
+    for k in todo:
+        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                                             num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+        batches = iter(loader)  # creating the iterator draws from the global RNG: seed after it
+        torch.manual_seed(seed * 100003 + k)  # posterior samples depend only on (seed, shard): resumable
+        arrays, pos = None, 0
+        labels = np.empty(hi - lo, dtype=np.int64)
+        for x, y in batches:
+            x = x.to(device, non_blocking=True)
+            views = [x, x.flip(-1)] if flip_both else [x]
+            zs = [encode(vae, v).float().cpu().numpy() for v in views]
+            if arrays is None:
+                latent_shape = list(zs[0].shape[1:])
+                kinds = ["latents", "flip"][:len(zs)]
+                arrays = [(kind, *_open_npy(os.path.join(out, shard_name(kind, k)), dtype, (hi - lo, *latent_shape)))
+                          for kind in kinds]
+            for (_, arr, _), z in zip(arrays, zs):
+                arr[pos:pos + len(z)] = z
+            labels[pos:pos + len(y)] = y.numpy()
+            pos += len(y)
+            bar.update(len(y))
+        for kind, arr, tmp in arrays:
+            _commit_npy(arr, tmp, os.path.join(out, shard_name(kind, k)))
+        label_path = os.path.join(out, shard_name("labels", k))
+        with open(f"{label_path}.tmp{os.getpid()}.npy", "wb") as f:
+            np.save(f, labels)
+        os.replace(f"{label_path}.tmp{os.getpid()}.npy", label_path)
+        _atomic_json(os.path.join(out, shard_name("shard", k)),
+                     dict(index=k, count=hi - lo, latent_shape=latent_shape, config=config))
+    bar.close()
+    return todo
+
+
+def write_manifest(out):
+    """Write latents.json from the shard markers once every shard is finished; returns it (or None)."""
+    markers = sorted(f for f in os.listdir(out) if f.startswith("shard_") and f.endswith(".json"))
+    shards = []
+    for f in markers:
+        with open(os.path.join(out, f)) as fh:
+            shards.append(json.load(fh))
+    if not shards:
+        return None
+    config = shards[0]["config"]
+    num_shards = (config["count"] + config["shard_size"] - 1) // config["shard_size"]
+    if sorted(s["index"] for s in shards) != list(range(num_shards)):
+        return None
+    manifest = dict(config, latent_shape=shards[0]["latent_shape"], num_classes=len(config["classes"]),
+                    shards=[dict(index=s["index"], count=s["count"]) for s in sorted(shards, key=lambda s: s["index"])])
+    _atomic_json(os.path.join(out, MANIFEST), manifest)
+    return manifest
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-path", required=True, help="ImageFolder root (one subfolder per class)")
+    p.add_argument("--out", required=True, help="output folder for latents_*.npy, labels_*.npy and latents.json")
+    p.add_argument("--vae", default="ema", help="ema | mse (sd-vae-ft-*, from the local Hugging Face cache) "
+                                                "or a local AutoencoderKL folder")
+    p.add_argument("--image-size", type=int, default=256, help="ADM center-crop size in pixels")
+    p.add_argument("--flip-both", action="store_true", help="also store latents of the flipped images "
+                                                            "(training then flips by picking one at random)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward, per rank")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per .npy shard")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="storage dtype (float16 halves disk and page-cache use)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    p.add_argument("--num-workers", type=int, default=4, help="decode workers per rank")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from eqm import distributed
+    from eqm.vae import load_vae
+
+    args = get_args(argv)
+    info = distributed.setup(args.device)
+    vae = load_vae(args.vae, info.device)
+    extract_latents(args.data_path, args.out, vae, args.vae, image_size=args.image_size, flip_both=args.flip_both,
+                    batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, seed=args.seed,
+                    rank=info.rank, world_size=info.world_size, num_workers=args.num_workers, device=info.device)
+    distributed.barrier()
+    if info.is_main:
+        manifest = write_manifest(args.out)
+        if manifest is None:
+            raise RuntimeError(f"some shards of {args.out!r} are missing after extraction; re-run the same command")
+        print(f"wrote {manifest['count']} latents {manifest['latent_shape']} in {len(manifest['shards'])} shards "
+              f"to {args.out}")
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main()
