@@ -12,8 +12,6 @@ from eqm.extract_latents import extract_latents, main, write_manifest
 from eqm.latents import LatentDataset, build_latent_loader, is_latent_dir, read_manifest, shard_name
 from eqm.vae import LATENT_SCALE
 
-diffusers = pytest.importorskip("diffusers")
-
 IMAGE_SIZE = 16
 
 
@@ -34,6 +32,7 @@ def make_image_folder(root, per_class=5, seed=0, min_side=40, max_side=90):
 
 def tiny_vae(seed=0):
     """Randomly initialised 3-level AutoencoderKL (downsamples by 4, 4 latent channels), no download."""
+    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                                    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8),
