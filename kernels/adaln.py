@@ -1,0 +1,329 @@
+"""Fused adaLN: LayerNorm (no affine) + modulate, and the gated residual that precedes it.
+
+    adaln_modulate(x, shift, scale)          = LN(x) * (1 + scale) + shift
+    gated_residual_adaln(x, gate, y, ...)    = (r, adaln_modulate(r, shift, scale)),  r = x + gate * y
+
+x, y: (N, T, D); shift, scale, gate: (N, D) broadcast over the T tokens. Statistics are fp32.
+
+Cost for E = N*T*D elements of b bytes (conditioning vectors are N*D, negligible):
+  adaln forward     reads x, writes h                       2*E*b bytes,  ~8 FLOP/element
+  gated forward     reads x, y, writes r, h                 4*E*b bytes,  ~10 FLOP/element
+  adaln backward    reads x, dh, writes dx                  3*E*b bytes
+  gated backward    reads x, y, dh, dr, writes dx, dy       6*E*b bytes
+The unfused eager graph (add, layer_norm, mul, add) moves about twice as much.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import INTERPRET, num_warps_for, row_block, sm_count, use_reference, use_triton
+
+
+# ---------------------------------------------------------------- references
+def adaln_modulate_reference(x, shift, scale, eps: float = 1e-6):
+    """LayerNorm without affine over the last dim, then x * (1 + scale) + shift (plain PyTorch)."""
+    h = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
+    return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated_residual_adaln_reference(x, gate, y, shift, scale, eps: float = 1e-6):
+    """r = x + gate * y, then (r, adaln_modulate(r, shift, scale)) (plain PyTorch)."""
+    r = x + gate.unsqueeze(1) * y
+    return r, adaln_modulate_reference(r, shift, scale, eps)
+
+
+def _backward_math(x, gate, y, scale, dh, dr, eps):
+    """Gradients of the gated residual + adaLN in differentiable torch ops (fp32).
+
+    Used by the CPU reference path and whenever create_graph=True, so double backward works.
+    Returns dx, dy, dgate, dshift, dscale (the gate terms are None without a residual).
+    """
+    f = torch.float32
+    r = x.to(f) if gate is None else x.to(f) + gate.to(f).unsqueeze(1) * y.to(f)
+    mean = r.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((r - mean).pow(2).mean(-1, keepdim=True) + eps)
+    xhat = (r - mean) * rstd
+    dh = dh.to(f)
+    g = dh * (1 + scale.to(f).unsqueeze(1))
+    dr_total = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True))
+    if dr is not None:
+        dr_total = dr_total + dr.to(f)
+    dshift, dscale = dh.sum(1), (dh * xhat).sum(1)
+    if gate is None:
+        return dr_total, None, None, dshift, dscale
+    return dr_total, dr_total * gate.to(f).unsqueeze(1), (dr_total * y.to(f)).sum(1), dshift, dscale
+
+
+# ---------------------------------------------------------------- Triton kernels
+@triton.jit
+def _adaln_fwd_kernel(
+    X,  # (N, T, D) residual stream in
+    GATE,  # (N, D) gate (HAS_RES only)
+    Y,  # (N, T, D) branch output (HAS_RES only)
+    SHIFT,  # (N, D)
+    SCALE,  # (N, D)
+    R_OUT,  # (N, T, D) x + gate * y (HAS_RES only)
+    H_OUT,  # (N, T, D) modulated LayerNorm
+    T, D, eps,
+    HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program: ROWS consecutive tokens of one sample, so shift/scale/gate are loaded once.
+    pid_t, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = pid_t * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < T)[:, None] & cmask[None, :]
+    offs = n * T * D + rows[:, None] * D + cols[None, :]
+    r = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        r = r + gate[None, :] * y
+        tl.store(R_OUT + offs, r, mask=mask)
+    mean = tl.sum(r, axis=1) / D
+    rc = tl.where(mask, r - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(rc * rc, axis=1) / D + eps)
+    shift = tl.load(SHIFT + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    h = rc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
+    tl.store(H_OUT + offs, h, mask=mask)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    X,  # (N, T, D)
+    GATE,  # (N, D) (HAS_RES only)
+    Y,  # (N, T, D) (HAS_RES only)
+    SCALE,  # (N, D)
+    DH,  # (N, T, D) grad of the modulated output
+    DR,  # (N, T, D) grad of the residual output (HAS_DR only)
+    DX,  # (N, T, D) out: grad of x (= total grad of r)
+    DY,  # (N, T, D) out: grad of y (HAS_RES only)
+    DSHIFT_P, DSCALE_P, DGATE_P,  # (N, SPLIT, D) fp32 out: per-program partial sums over tokens
+    T, D, eps, SPLIT,
+    HAS_RES: tl.constexpr, HAS_DR: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Program (s, n) walks token blocks s, s + SPLIT, ... of sample n and keeps the token sums
+    # for dshift/dscale/dgate in registers; the SPLIT partials are summed afterwards (deterministic).
+    s, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tb in range(s, tl.cdiv(T, ROWS), SPLIT):
+        rows = tb * ROWS + tl.arange(0, ROWS)
+        mask = (rows < T)[:, None] & cmask[None, :]
+        offs = n * T * D + rows[:, None] * D + cols[None, :]
+        r = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+            r = r + gate[None, :] * y
+        mean = tl.sum(r, axis=1) / D
+        rc = tl.where(mask, r - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(rc * rc, axis=1) / D + eps)
+        xhat = rc * rstd[:, None]
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        acc_shift += tl.sum(dh, axis=0)
+        acc_scale += tl.sum(dh * xhat, axis=0)
+        g = dh * scale1[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / D
+        c2 = tl.sum(g, axis=1) / D
+        dr = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DR:
+            dr += tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dr, mask=mask)
+        if HAS_RES:
+            tl.store(DY + offs, dr * gate[None, :], mask=mask)
+            acc_gate += tl.sum(tl.where(mask, dr * y, 0.0), axis=0)
+    p = (n * SPLIT + s) * D + cols
+    tl.store(DSHIFT_P + p, acc_shift, mask=cmask)
+    tl.store(DSCALE_P + p, acc_scale, mask=cmask)
+    if HAS_RES:
+        tl.store(DGATE_P + p, acc_gate, mask=cmask)
+
+
+def _rows_per_program(block_d: int) -> int:
+    # ~4K elements per program on a GPU (2 tokens at D=1152); bigger tiles under the
+    # interpreter, where each program instance costs milliseconds.
+    return max(1, (32768 if INTERPRET else 4096) // block_d)
+
+
+def _launch_forward(x, gate, y, shift, scale, eps):
+    N, T, D = x.shape
+    has_res = gate is not None
+    x = x.contiguous()
+    h_dtype = torch.promote_types(x.dtype, torch.promote_types(shift.dtype, scale.dtype))
+    r = None
+    if has_res:
+        y = y.contiguous()
+        r = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype)),
+                        device=x.device)
+        h_dtype = torch.promote_types(r.dtype, h_dtype)
+    h = torch.empty(x.shape, dtype=h_dtype, device=x.device)
+    block_d = row_block(D)
+    rows = _rows_per_program(block_d)
+    grid = (triton.cdiv(T, rows), N)
+    _adaln_fwd_kernel[grid](
+        x, gate.contiguous() if has_res else x, y if has_res else x, shift.contiguous(), scale.contiguous(),
+        r if has_res else h, h, T, D, eps,
+        HAS_RES=has_res, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps_for(rows * block_d),
+    )
+    return r, h
+
+
+def _launch_backward(x, gate, y, scale, dh, dr, eps):
+    N, T, D = x.shape
+    has_res, has_dr = gate is not None, dr is not None
+    x, dh = x.contiguous(), dh.contiguous()
+    block_d = row_block(D)
+    rows = _rows_per_program(block_d)
+    n_blocks = triton.cdiv(T, rows)
+    # Enough programs to fill the GPU twice over, each with several token blocks to amortise its partials.
+    split = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), N)))
+    part = torch.empty((3 if has_res else 2, N, split, D), dtype=torch.float32, device=x.device)
+    dx = torch.empty_like(x)
+    dy = torch.empty_like(y) if has_res else None
+    _adaln_bwd_kernel[(split, N)](
+        x, gate.contiguous() if has_res else x, y.contiguous() if has_res else x, scale.contiguous(),
+        dh, dr.contiguous() if has_dr else dh, dx, dy if has_res else dx,
+        part[0], part[1], part[2] if has_res else part[0],
+        T, D, eps, split,
+        HAS_RES=has_res, HAS_DR=has_dr, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps_for(rows * block_d),
+    )
+    dshift, dscale = part[0].sum(1).to(scale.dtype), part[1].sum(1).to(scale.dtype)
+    dgate = part[2].sum(1).to(gate.dtype) if has_res else None
+    return dx, dy, dgate, dshift, dscale
+
+
+def _check(x, shift, scale, gate=None, y=None):
+    if x.dim() != 3:
+        raise ValueError(f"adaLN expects x of shape (N, T, D), got {tuple(x.shape)}; reshape tokens first")
+    N, _, D = x.shape
+    for name, v in (("shift", shift), ("scale", scale), ("gate", gate)):
+        if v is not None and tuple(v.shape) != (N, D):
+            raise ValueError(f"adaLN expects {name} of shape (N, D) = {(N, D)}, got {tuple(v.shape)}")
+    if y is not None and y.shape != x.shape:
+        raise ValueError(f"gated_residual_adaln expects y shaped like x {tuple(x.shape)}, got {tuple(y.shape)}")
+
+
+# ---------------------------------------------------------------- custom ops: adaln_modulate
+@torch.library.custom_op("eqm::adaln_modulate", mutates_args=())
+def _adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    if not use_triton(x, shift, scale):
+        return adaln_modulate_reference(x, shift, scale, eps)
+    return _launch_forward(x, None, None, shift, scale, eps)[1]
+
+
+@_adaln_op.register_fake
+def _(x, shift, scale, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.promote_types(shift.dtype, scale.dtype)))
+
+
+@torch.library.custom_op("eqm::adaln_modulate_backward", mutates_args=())
+def _adaln_bwd_op(x: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x, scale, dh):
+        dx, _, _, dshift, dscale = _launch_backward(x, None, None, scale, dh, None, eps)
+    else:
+        dx, _, _, dshift, dscale = _backward_math(x, None, None, scale, dh, None, eps)
+    return dx.to(x.dtype), dshift.to(scale.dtype), dscale.to(scale.dtype)
+
+
+@_adaln_bwd_op.register_fake
+def _(x, scale, dh, eps):
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, shift, scale, eps = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps, ctx.shift_dtype = eps, shift.dtype
+
+
+def _adaln_backward(ctx, dh):
+    x, scale = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable ops so a second derivative exists
+        dx, _, _, dshift, dscale = _backward_math(x, None, None, scale, dh, None, ctx.eps)
+        dx, dscale = dx.to(x.dtype), dscale.to(scale.dtype)
+    else:
+        dx, dshift, dscale = _adaln_bwd_op(x, scale, dh, ctx.eps)
+    return dx, dshift.to(ctx.shift_dtype), dscale, None
+
+
+_adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+
+
+# ---------------------------------------------------------------- custom ops: gated_residual_adaln
+@torch.library.custom_op("eqm::gated_residual_adaln", mutates_args=())
+def _gated_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(x, gate, y, shift, scale):
+        return gated_residual_adaln_reference(x, gate, y, shift, scale, eps)
+    return _launch_forward(x, gate, y, shift, scale, eps)
+
+
+@_gated_op.register_fake
+def _(x, gate, y, shift, scale, eps):
+    r_dtype = torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
+    h_dtype = torch.promote_types(r_dtype, torch.promote_types(shift.dtype, scale.dtype))
+    return x.new_empty(x.shape, dtype=r_dtype), x.new_empty(x.shape, dtype=h_dtype)
+
+
+@torch.library.custom_op("eqm::gated_residual_adaln_backward", mutates_args=())
+def _gated_bwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor,
+                  dr: Optional[torch.Tensor], eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x, gate, y, scale, dh):
+        grads = _launch_backward(x, gate, y, scale, dh, dr, eps)
+    else:
+        grads = _backward_math(x, gate, y, scale, dh, dr, eps)
+    dx, dy, dgate, dshift, dscale = grads
+    return dx.to(x.dtype), dy.to(y.dtype), dgate.to(gate.dtype), dshift.to(scale.dtype), dscale.to(scale.dtype)
+
+
+@_gated_bwd_op.register_fake
+def _(x, gate, y, scale, dh, dr, eps):
+    return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
+            torch.empty_like(scale))
+
+
+def _gated_setup(ctx, inputs, output):
+    x, gate, y, shift, scale, eps = inputs
+    ctx.save_for_backward(x, gate, y, scale)
+    ctx.eps, ctx.shift_dtype = eps, shift.dtype
+
+
+def _gated_backward(ctx, dr, dh):
+    x, gate, y, scale = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: differentiable ops so a second derivative exists
+        dx, dy, dgate, dshift, dscale = _backward_math(x, gate, y, scale, dh, dr, ctx.eps)
+        dx, dy, dgate, dscale = dx.to(x.dtype), dy.to(y.dtype), dgate.to(gate.dtype), dscale.to(scale.dtype)
+    else:
+        dx, dy, dgate, dshift, dscale = _gated_bwd_op(x, gate, y, scale, dh, dr, ctx.eps)
+    return dx, dgate, dy, dshift.to(ctx.shift_dtype), dscale, None
+
+
+_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ---------------------------------------------------------------- public API
+def adaln_modulate(x, shift, scale, eps: float = 1e-6):
+    """LayerNorm(x) * (1 + scale) + shift over tokens; x (N, T, D), shift/scale (N, D); one fused pass."""
+    _check(x, shift, scale)
+    if use_reference():
+        return adaln_modulate_reference(x, shift, scale, eps)
+    return _adaln_op(x, shift, scale, float(eps))
+
+
+def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6):
+    """r = x + gate * y and h = adaln_modulate(r, shift, scale) in one pass; returns (r, h)."""
+    _check(x, shift, scale, gate, y)
+    if use_reference():
+        return gated_residual_adaln_reference(x, gate, y, shift, scale, eps)
+    return _gated_op(x, gate, y, shift, scale, float(eps))
