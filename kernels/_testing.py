@@ -5,8 +5,9 @@ import os
 
 import torch
 
-# Small absolute slack per dtype, relative to the reference's magnitude.
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+# Small absolute slack per dtype, relative to the reference's magnitude: about one unit in the last place.
+# (bf16 needs the full ulp: the Triton interpreter truncates fp32 -> bf16 where a GPU rounds to nearest.)
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 2**-7}
 ERRORS: dict = {}  # (kernel, dtype) -> worst kernel error seen, printed by the tests' session hook
 
 
@@ -20,7 +21,8 @@ def assert_matches(name, out, ref_same_dtype, ref64, dtype):
     scale = max(1.0, ref64.abs().max().item() if out.numel() else 0.0)
     bound = 2 * torch_err + ATOL[dtype] * scale
     key = f"{name.split('[')[0]} {str(dtype).replace('torch.', '')}"
-    ERRORS[key] = max(ERRORS.get(key, 0.0), err)
+    old = ERRORS.get(key, (0.0, 0.0))
+    ERRORS[key] = (max(old[0], err), max(old[1], err / scale))
     if os.environ.get("KERNEL_ERRORS_LOG"):
         with open(os.environ["KERNEL_ERRORS_LOG"], "a") as f:
             f.write(json.dumps({"key": key, "err": err, "torch_err": torch_err}) + "\n")
@@ -53,7 +55,7 @@ def print_errors(request, prefixes):
     """Print the worst errors recorded for kernels whose names start with prefixes (past pytest's capture)."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        for key, err in sorted(ERRORS.items()):
+        for key, (err, rel) in sorted(ERRORS.items()):
             if key.startswith(prefixes):
-                print(f"\nmax error vs fp64  {key:<40s} {err:.3e}", end="")
+                print(f"\nmax error vs fp64  {key:<45s} abs {err:.2e}  rel to max|ref| {rel:.2e}", end="")
         print()
