@@ -316,7 +316,9 @@ class EqM(nn.Module):
             raise ValueError(f"y must be ({n},) class labels, got shape {tuple(y.shape)}")
         if y.dtype.is_floating_point:
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        if y.device.type == "cpu" and n and (y.min() < 0 or y.max() > self.num_classes):
+        # Label range: checked eagerly on CPU only (a GPU check would sync; compiled graphs cannot branch on it).
+        if (y.device.type == "cpu" and n and not torch.compiler.is_compiling()
+                and (y.min() < 0 or y.max() > self.num_classes)):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null label), "
                              f"got range [{int(y.min())}, {int(y.max())}]")
 
@@ -353,9 +355,9 @@ class EqM(nn.Module):
         x: (N, C, H, W) inputs; t: (N,) times (ignored when uncond, may be None); y: (N,) labels.
         return_act: also return the list of per-block activations (N, T, D): (f, act).
         get_energy: return the per-sample energy E (N,) instead of f (EqM-E only).
-        train: training call: drops labels (as training mode does) and, for EqM-E, keeps the graph of
-            grad_x E (create_graph) so the loss backpropagates through it. EqM-E also keeps that graph
-            whenever grad mode is on; under torch.no_grad() it returns a detached gradient.
+        train: training call: drops labels as training mode does.
+        EqM-E: the output is grad_x E also under torch.no_grad() (then detached); with grad mode on it
+        stays differentiable (create_graph), so a loss on it backpropagates to the weights.
         """
         self._check_inputs(x, t, y)
         if self.ebm == "none" or get_energy:
@@ -363,14 +365,16 @@ class EqM(nn.Module):
             out = self.energy(head, x) if get_energy else head
             return (out, act) if return_act else out
 
-        create_graph = bool(train or torch.is_grad_enabled())
-        with torch.enable_grad():
-            x_in = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
-            head, act = self._head(x_in, t, y, train, double_grad=create_graph)
-            energy = self.energy(head, x_in)
-            out = torch.autograd.grad(energy.sum(), x_in, create_graph=create_graph)[0]
-        if not create_graph:
-            act = [a.detach() for a in act]
+        # torch.func.grad differentiates w.r.t. x even under torch.no_grad() (the published code returned
+        # the raw head there), keeps the result differentiable for the outer backward when grad mode is
+        # on (the training double backward), and traces under torch.compile(fullgraph=True).
+        double_grad = torch.is_grad_enabled()
+
+        def energy_sum(x_in):
+            head, act = self._head(x_in, t, y, train, double_grad=double_grad)
+            return self.energy(head, x_in).sum(), act
+
+        out, act = torch.func.grad(energy_sum, has_aux=True)(x)
         return (out, act) if return_act else out
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3, train=False):
@@ -388,6 +392,16 @@ class EqM(nn.Module):
     def num_params(self):
         """Number of parameters, the frozen pos_embed included (as the published counts)."""
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self):
+        """Matmul FLOPs of one forward pass for one sample (2 per multiply-add); x3 for forward+backward."""
+        D, T, L = self.hidden_size, self.num_patches, self.depth
+        pp = self.patch_size ** 2
+        mlp = self.blocks[0].mlp.fc1.out_features if L else 0
+        per_token_block = 2 * (3 * D * D + D * D + 2 * D * mlp) + 4 * T * D  # qkv, proj, MLP, QK^T and AV
+        per_sample = 2 * (256 * D + D * D) + L * 2 * D * 6 * D + 2 * D * 2 * D  # t-embedder and adaLN
+        per_token = 2 * pp * self.in_channels * D + L * per_token_block + 2 * D * pp * self.out_channels
+        return T * per_token + per_sample
 
 
 def cfg_combine(out, cfg_scale, cfg_channels=3):
