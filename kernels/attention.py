@@ -11,7 +11,7 @@ Cost for B*H heads of N tokens and head dim Dh:
             kernels, so the scores are computed twice: 12*B*H*N^2*Dh executed)
 At EqM-XL/2 (N=256, Dh=72) attention is matmul-bound but small: under 5% of the model's FLOPs.
 """
-import math
+import os
 from typing import Optional
 
 import torch
@@ -185,9 +185,11 @@ def _configs(blocks):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
 
 
-if INTERPRET:  # autotune needs a GPU; one config, smallish blocks so tails and loops get exercised
+if INTERPRET or os.environ.get("EQM_AUTOTUNE") == "0":
+    # Autotune needs a GPU (and compiles every config per shape: EQM_AUTOTUNE=0 skips it for GPU tests).
+    # One config; under the interpreter small blocks, so that masked tails and the loops get exercised.
     _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
-    _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
+    _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32} if INTERPRET else {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
 else:
     _KEY = ["N", "HEAD_DIM", "PRECISION"]
     _fwd = triton.autotune(_configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
