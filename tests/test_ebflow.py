@@ -11,7 +11,14 @@ from eqm.ebflow.layers import (ActNorm, AffineCoupling, Conv1x1, Convolution, Fu
 from eqm.ebflow.models import build_flow, cnn_flow, coupling_flow, fc_flow
 from eqm.ebflow.preprocess import MaP, nll
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _fp64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _perturb(module, scale=0.3, seed=0):

@@ -56,7 +56,7 @@ def _images_to_tensor(a, source):
                          f"range [{a.min()}, {a.max()}]; quantise the data first")
     if a.ndim == 3:
         a = a[:, None]
-    elif a.ndim == 4 and a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
+    elif a.ndim == 4 and a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3):
         a = a.transpose(0, 3, 1, 2)
     elif a.ndim not in (2, 4):
         raise ValueError(f"{source}: expected an array (N, D), (N, H, W), (N, H, W, C) or (N, C, H, W), "

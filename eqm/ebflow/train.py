@@ -1,0 +1,260 @@
+"""Train an EBFlow: python -m eqm.ebflow.train --data 8gaussians --arch coupling --loss ssm --out runs/x
+
+Writes <out>/log.csv (step, loss, test NLL), <out>/ckpt.pt (atomic), <out>/samples.png and prints a summary.
+Score-matching losses (ssm, dsm, fdssm, sf, exact_sm, sml) never compute a linear layer's determinant;
+the test NLL computes them once per evaluation.
+"""
+import argparse
+import copy
+import csv
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from .data import TOYS, load_data
+from .losses import LOSSES, compute_loss
+from .models import ARCHS, build_flow
+from .preprocess import MaP, nll
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="8gaussians",
+                   help=f"{', '.join(TOYS)}, digits, a folder of images or a .npy of 8-bit images")
+    p.add_argument("--arch", default=None, choices=list(ARCHS), help="default: coupling for 2-D, fc for images")
+    p.add_argument("--loss", default="ssm", help=f"one of {', '.join(LOSSES)}")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay; 0 disables")
+    p.add_argument("--grad-clip", type=float, default=10.0, help="max grad norm; 0 disables")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--out", default="runs/ebflow")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sigma", type=float, default=0.1, help="noise scale of dsm and sf")
+    p.add_argument("--eps", type=float, default=0.1, help="finite-difference radius of fdssm")
+    p.add_argument("--slices", type=int, default=1, help="projections per sample for ssm")
+    p.add_argument("--proj", default="rademacher", choices=["rademacher", "gaussian"])
+    p.add_argument("--lam", type=float, default=0.0, help="weight of the lambda * mean(E) term")
+    p.add_argument("--map", default="outside", choices=["outside", "inside"],
+                   help="MaP logit preprocessing outside the model (score matching in logit space) or inside "
+                        "(as a first layer; perturbation-based losses then step outside (0, 1): use ml)")
+    p.add_argument("--kernel-size", type=int, default=3, help="cnn: convolution size")
+    p.add_argument("--n-layers", type=int, default=6, help="coupling: number of coupling layers")
+    p.add_argument("--hidden", type=int, default=64, help="coupling: hidden width")
+    p.add_argument("--n-train", type=int, default=20000, help="2-D toys: training points")
+    p.add_argument("--n-test", type=int, default=2000, help="2-D toys: test points")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    args = p.parse_args(argv)
+    if args.loss not in LOSSES:
+        p.error(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
+    for name in ("lr", "batch_size", "steps", "eval_every"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+class Pipeline:
+    """Turns raw data into model inputs and model log-densities into test NLL."""
+
+    def __init__(self, data, inside):
+        self.data, self.inside = data, inside
+        self.pre = MaP(data.n_bins) if data.n_bins else None
+        self.dim = math.prod(data.shape)
+
+    def inputs(self, x, noise=None):
+        """Model input and log|d input / d u| (None for continuous data or MaP inside)."""
+        if self.pre is None:
+            return x.float(), None
+        if self.inside:
+            return self.pre.dequantize(x, noise), None
+        return self.pre(x, noise)
+
+    @torch.no_grad()
+    def test_nll(self, flow, batch=1000):
+        """Mean test NLL in nats (per example) and bits/dim (None for continuous data)."""
+        g = torch.Generator().manual_seed(1234)  # the same dequantisation noise at every evaluation
+        nats, bpd = [], []
+        for x in self.data.test.split(batch):
+            noise = torch.rand(x.shape, generator=g) if self.pre else None
+            inp, ld = self.inputs(x, noise)
+            dev = flow._device()
+            lp = flow.log_prob(inp.to(dev)).cpu()
+            if self.pre is None:
+                nats.append(-lp)
+            else:
+                n, b = nll(lp, self.dim, self.pre.n_bins, ld)
+                nats.append(n)
+                bpd.append(b)
+        return torch.cat(nats).mean().item(), (torch.cat(bpd).mean().item() if bpd else None)
+
+    def to_pixels(self, y):
+        """Model-space samples -> [0, 1] images."""
+        return y.clamp(0, 1) if self.inside else self.pre.inverse(y)
+
+
+def save_checkpoint(path, state):
+    """Atomic torch.save: write a temporary file, then rename it over `path`."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def save_samples(flow, pipe, path, seed=0):
+    """2-D: data | samples | model density. Images: a grid of samples above a grid of test images."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(seed)
+    data = pipe.data
+    if data.n_bins is None and data.shape == (2,):
+        x = data.test
+        s = flow.sample(2000).cpu()
+        lo, hi = x.min(0).values - 1, x.max(0).values + 1
+        gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 200), torch.linspace(lo[1], hi[1], 200), indexing="ij")
+        grid = torch.stack([gx.flatten(), gy.flatten()], 1)
+        dens = torch.cat([flow.log_prob(c.to(flow._device())).cpu() for c in grid.split(10000)]).exp()
+        fig, ax = plt.subplots(1, 3, figsize=(12, 4))
+        ax[0].scatter(x[:, 0], x[:, 1], s=1)
+        ax[0].set_title(f"data ({data.name})")
+        ax[1].scatter(s[:, 0], s[:, 1], s=1, color="C1")
+        ax[1].set_title("flow samples")
+        ax[2].imshow(dens.view(200, 200).T, origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]), cmap="viridis")
+        ax[2].set_title("model density")
+        for a in ax[:2]:
+            a.set_xlim(lo[0], hi[0])
+            a.set_ylim(lo[1], hi[1])
+    else:
+        shape = data.shape if len(data.shape) == 3 else (1, 1, data.shape[0])
+        s = pipe.to_pixels(flow.sample(64).cpu().float()).view(-1, *shape)
+        real = data.test[:64].float().div(pipe.pre.n_bins - 1).view(-1, *shape)
+        fig, ax = plt.subplots(1, 2, figsize=(10, 5))
+        for a, imgs, title in ((ax[0], s, "flow samples"), (ax[1], real, "test data")):
+            a.imshow(_tile(imgs), cmap="gray" if shape[0] == 1 else None, vmin=0, vmax=1)
+            a.set_title(title)
+            a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _tile(imgs, ncol=8):
+    n, c, h, w = imgs.shape
+    nrow = math.ceil(n / ncol)
+    out = torch.ones(c, nrow * (h + 1), ncol * (w + 1))
+    for i, im in enumerate(imgs):
+        r, q = divmod(i, ncol)
+        out[:, r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = im
+    out = out.permute(1, 2, 0)
+    return out[..., 0] if c == 1 else out[..., :3]
+
+
+def main(argv=None):
+    """Train, evaluate and save; returns a summary dict."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    data = load_data(args.data, args.n_train, args.n_test, args.seed)
+    image = data.n_bins is not None
+    arch = args.arch or ("fc" if image else "coupling")
+    kw = {"cnn": {"kernel_size": args.kernel_size}, "coupling": {"n_layers": args.n_layers, "hidden": args.hidden}}
+    inside = image and args.map == "inside"
+    flow = build_flow(arch, data.shape, logit=inside, **kw.get(arch, {})).to(args.device)
+    pipe = Pipeline(data, inside)
+    opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, csv_path, png_path = (os.path.join(args.out, f) for f in ("ckpt.pt", "log.csv", "samples.png"))
+
+    start = 0
+    init_batch = pipe.inputs(data.train[torch.randperm(len(data.train))[:min(1024, len(data.train))]])[0]
+    flow.initialize(init_batch.to(args.device))
+    ema = copy.deepcopy(flow).eval().requires_grad_(False) if args.ema > 0 else None
+    if args.resume:
+        state = torch.load(args.resume, map_location=args.device, weights_only=True)
+        flow.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.load_state_dict(state.get("ema") or state["model"])
+        start = state["step"]
+    evaluated = ema if ema is not None else flow
+
+    n_params = sum(p.numel() for p in flow.parameters())
+    print(f"EBFlow {arch} on {data.name} {data.shape}: {n_params:,} parameters, loss {args.loss}, "
+          f"{len(data.train)} train / {len(data.test)} test")
+    new_log = not (args.resume and os.path.exists(csv_path))
+    log = open(csv_path, "w" if new_log else "a", newline="")
+    writer = csv.writer(log)
+    if new_log:
+        writer.writerow(["step", "loss", "test_nll_nats", "test_bpd", "seconds"])
+    history, skipped, t0 = [], 0, time.time()
+
+    def evaluate(step, loss):
+        evaluated.eval()
+        nats, bpd = pipe.test_nll(evaluated)
+        writer.writerow([step, f"{loss:.6g}" if loss is not None else "", f"{nats:.6f}",
+                         f"{bpd:.6f}" if bpd is not None else "", f"{time.time() - t0:.2f}"])
+        log.flush()
+        history.append((step, nats, bpd))
+        return nats, bpd
+
+    if start == 0:
+        evaluate(0, None)
+    opts = dict(sigma=args.sigma, eps=args.eps, n_slices=args.slices, dist=args.proj, n=1)
+    bar = tqdm(range(start + 1, args.steps + 1), desc=f"ebflow {args.loss}", dynamic_ncols=True)
+    loss_ema = None
+    for step in bar:
+        flow.train()
+        idx = torch.randint(0, len(data.train), (args.batch_size,))
+        x = pipe.inputs(data.train[idx])[0].to(args.device)
+        loss = compute_loss(flow, x, args.loss, lam=args.lam, **opts)
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            skipped += 1
+            if skipped > 20:
+                raise RuntimeError(f"loss {args.loss} was non-finite more than 20 times (step {step}); "
+                                   f"lower --lr or set --grad-clip")
+            continue
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), args.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), flow.parameters()):
+                    pe.lerp_(p, 1 - args.ema)
+                for be, b in zip(ema.buffers(), flow.buffers()):
+                    be.copy_(b)
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        if step % args.eval_every == 0 or step == args.steps:
+            nats, bpd = evaluate(step, loss.item())
+            bar.set_postfix(loss=f"{loss_ema:.4g}", nll=f"{nats:.4f}", **({"bpd": f"{bpd:.3f}"} if bpd else {}))
+            save_checkpoint(ckpt_path, {"model": flow.state_dict(), "ema": ema.state_dict() if ema else None,
+                                        "opt": opt.state_dict(), "args": vars(args), "step": step})
+        else:
+            writer.writerow([step, f"{loss.item():.6g}", "", "", f"{time.time() - t0:.2f}"])
+    if not history:
+        evaluate(start, None)
+    log.close()
+    save_samples(evaluated, pipe, png_path, args.seed)
+    seconds = time.time() - t0
+    final = history[-1]
+    best = min(history, key=lambda h: h[1])
+    summary = {"data": data.name, "arch": arch, "loss": args.loss, "steps": args.steps, "seconds": seconds,
+               "initial_nll": history[0][1], "final_nll": final[1], "final_bpd": final[2],
+               "best_nll": best[1], "best_step": best[0], "skipped_steps": skipped,
+               "csv": csv_path, "ckpt": ckpt_path, "png": png_path}
+    unit = f" nats ({final[2]:.4f} bits/dim)" if final[2] is not None else " nats"
+    print(f"done: {args.steps - start} steps in {seconds:.1f}s; test NLL {history[0][1]:.4f} -> "
+          f"{final[1]:.4f}{unit}; best {best[1]:.4f} at step {best[0]}; skipped {skipped}")
+    print(f"wrote {csv_path}, {ckpt_path}, {png_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
