@@ -1,0 +1,174 @@
+"""The fast training path: one compiled step (forward + loss), bf16 autocast over fp32 master weights,
+fused AdamW, a multi-tensor EMA, and the analytic FLOP count the benchmarks report utilisation with.
+
+Compile the step, not the world: only `loss(x1, y, noise, t)` is compiled (fullgraph=True, so a graph
+break is an error, not a silent slowdown); the optimizer step and the EMA stay plain multi-tensor ops.
+The random draws (noise, t) happen outside the compiled region, so the compiled and eager steps see
+the same inputs and can be compared exactly; label dropout stays inside the model.
+Multi-GPU: DDP wraps the compiled loss module (DDP(compile(loss))), not the other way round.
+EqM-E compiles too: the model takes its input gradient with torch.func.grad, which dynamo traces
+(torch.autograd.grad(create_graph=True) would not).
+"""
+import contextlib
+from copy import deepcopy
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from eqm.objective import eqm_training_losses
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def unwrap(model):
+    """The bare EqM inside DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def set_precision(precision, device):
+    """fp32: strict fp32 matmuls; tf32 and bf16: TF32 for whatever stays in fp32 (the published setting)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if torch.device(device).type == "cuda":
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def autocast(device, precision):
+    """bf16 autocast context for precision "bf16", else a no-op (weights and grads stay fp32 either way)."""
+    if precision == "bf16":
+        # cache_enabled=False: the weight-cast cache must not outlive a CUDA graph capture.
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999)):
+    """AdamW over the trainable parameters: the single-kernel fused variant on CUDA, foreach on CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    on_cuda = params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
+                             fused=on_cuda, foreach=not on_cuda)
+
+
+class EMA:
+    """Exponential moving average of a model's trainable parameters, updated with one multi-tensor lerp."""
+
+    def __init__(self, model, ema_model=None):
+        model = unwrap(model)
+        self.model = ema_model if ema_model is not None else deepcopy(model)
+        self.model.requires_grad_(False).eval()
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        ema_params = dict(self.model.named_parameters())
+        self.src = [p for n, p in model.named_parameters() if p.requires_grad]
+        self.dst = [ema_params[n] for n in names]
+
+    @torch.no_grad()
+    def update(self, decay):
+        """ema <- decay * ema + (1 - decay) * param."""
+        torch._foreach_lerp_(self.dst, self.src, 1.0 - decay)
+
+
+class EqMLoss(torch.nn.Module):
+    """Mean EqM loss of a batch for given noise and times: the module that gets compiled (and DDP-wrapped)."""
+
+    def __init__(self, model, a=0.8, lam=4.0, precision="bf16"):
+        super().__init__()
+        self.model, self.a, self.lam, self.precision = model, a, lam, precision
+
+    def forward(self, x1, y, noise, t):
+        with autocast(x1.device, self.precision):
+            terms = eqm_training_losses(self.model, x1, dict(y=y), a=self.a, lam=self.lam, noise=noise, t=t)
+        return terms["loss"].float().mean()
+
+
+class TrainStep:
+    """`step(x1, y) -> loss`: one optimizer step of the EqM objective, compiled and in bf16 where asked.
+
+    model: the bare EqM (not DDP-wrapped: pass ddp=True instead).
+    opt: its optimizer (make_optimizer); ema: an EMA or None; ema_decay: its decay per step.
+    precision: "bf16" (autocast, fp32 master weights), "tf32" or "fp32".
+    compile: torch.compile the forward + loss with fullgraph=True; backend: the compile backend
+        ("inductor"; "aot_eager" traces the same graph without code generation, for quick tests).
+    fused: set model.fused (None leaves it as it is).
+    ddp: wrap the compiled loss in DistributedDataParallel (gradients all-reduced in backward);
+        DDP must sit outside the compiled region, since dynamo cannot trace DDP.forward with fullgraph.
+    a, lam: the objective's c(t) parameters; grad_clip: max grad norm or None.
+    """
+
+    def __init__(self, model, opt, *, ema=None, ema_decay=0.9999, precision="bf16", compile=True,
+                 backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None):
+        if isinstance(model, DDP):
+            raise ValueError("pass the bare model to TrainStep and ddp=True: it wraps the compiled loss in DDP itself")
+        self.model, self.opt, self.ema, self.ema_decay = model, opt, ema, ema_decay
+        self.grad_clip = grad_clip
+        self.device = next(model.parameters()).device
+        if fused is not None:
+            model.fused = bool(fused)
+        set_precision(precision, self.device)
+        loss = EqMLoss(model, a, lam, precision)
+        if compile:
+            loss = torch.compile(loss, fullgraph=True, backend=backend)
+        if ddp:
+            loss = DDP(loss, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.loss_fn = loss
+
+    def __call__(self, x1, y, noise=None, t=None):
+        if noise is None:
+            noise = torch.randn_like(x1)
+        if t is None:
+            t = torch.rand(x1.shape[0], device=x1.device)
+        loss = self.loss_fn(x1, y, noise, t)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.ema_decay)
+        return loss.detach()
+
+
+#################################################################################
+#                                FLOP accounting                                #
+#################################################################################
+
+def forward_flops_per_image(model):
+    """Matmul FLOPs (2 per multiply-add) of one forward pass of an EqM on one image.
+
+    With T = (input_size / p)^2 tokens, D hidden, L blocks, M = mlp_ratio * D, C in channels, K = out channels:
+      patch embed  2 T (C p^2) D
+      per block    2 T D (3D) [qkv] + 2 T D D [proj] + 2 * 2 T D M [mlp] + 2 T^2 D * 2 [q k^T and attn v]
+                   + 2 D (6D) [adaLN, once per image, not per token]
+      final        2 D (2D) [adaLN] + 2 T D (p^2 K) [linear]
+      t embedder   2 * 256 D + 2 D D
+    Elementwise work (LayerNorm, softmax, GELU, modulate) is left out, as MFU conventions do.
+    EqM-XL/2 at 32x32 latents: 237 GFLOP (attention scores 3.6% of it).
+    """
+    m = unwrap(model)
+    p, D, L, C = m.patch_size, m.hidden_size, m.depth, m.in_channels
+    T = m.num_patches
+    M = m.blocks[0].mlp.fc1.out_features if L else 4 * D
+    K = m.out_channels
+    per_block = 2 * T * D * 3 * D + 2 * T * D * D + 2 * 2 * T * D * M + 2 * 2 * T * T * D + 2 * D * 6 * D
+    return (2 * T * C * p * p * D + L * per_block + 2 * D * 2 * D + 2 * T * D * p * p * K
+            + 2 * 256 * D + 2 * D * D)
+
+
+def train_flops_per_image(model):
+    """Forward + backward FLOPs of one training image: 3x forward (EqM); EqM-E about 6x (forward, the
+    input-only backward (1x), and the weight backward of both (2x each))."""
+    return (3 if unwrap(model).ebm == "none" else 6) * forward_flops_per_image(model)
+
+
+def sample_flops_per_image(model, steps, cfg=False):
+    """FLOPs to sample one image: (steps - 1) field evaluations, each on a doubled batch with CFG;
+    an EqM-E field costs a forward plus an input-only backward (dX = dY W^T: one more forward's worth)."""
+    per_eval = forward_flops_per_image(model) * (1 if unwrap(model).ebm == "none" else 2)
+    return (steps - 1) * per_eval * (2 if cfg else 1)
