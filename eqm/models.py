@@ -189,13 +189,23 @@ class EqMBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c, fused=False, double_grad=False):
+    def forward(self, x, c, double_grad=False):
+        """Reference path (plain PyTorch ops)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        fused = fused and not double_grad  # kernels are not twice differentiable: route around them
-        h = adaln_modulate(x, shift_msa, scale_msa, fused)
-        y = self.attn(h, fused=fused, double_grad=double_grad)
-        x, h = gated_residual_adaln(x, gate_msa, y, shift_mlp, scale_mlp, fused)
+        h = adaln_modulate(x, shift_msa, scale_msa)
+        x, h = gated_residual_adaln(x, gate_msa, self.attn(h, double_grad=double_grad), shift_mlp, scale_mlp)
         return gated_residual(x, gate_mlp, self.mlp(h))
+
+    def forward_fused(self, x, h, mod, next_shift, next_scale):
+        """Fused path: h = this block's modulated input, mod = its 6 adaLN vectors.
+
+        Returns (x, h_next): the MLP residual is fused with the adaLN of the next layer (next_shift,
+        next_scale: the next block's msa vectors or the final layer's), so the residual stream is
+        read and written once per residual add.
+        """
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x, h = gated_residual_adaln(x, gate_msa, self.attn(h, fused=True), shift_mlp, scale_mlp, fused=True)
+        return gated_residual_adaln(x, gate_mlp, self.mlp(h), next_shift, next_scale, fused=True)
 
 
 class FinalLayer(nn.Module):
@@ -206,9 +216,9 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c, fused=False):
+    def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(adaln_modulate(x, shift, scale, fused))
+        return self.linear(adaln_modulate(x, shift, scale))
 
 
 class EqM(nn.Module):
@@ -217,7 +227,10 @@ class EqM(nn.Module):
     uncond: feed t = 0 to the time embedder (EqM's setting; the embedder's weights still exist).
     ebm: "none" outputs the head directly; "dot"/"mean" (E = sum(f * x)) and "l2" (E = -|f|^2 / 2)
         output grad_x E (EqM-E), computed with autograd even under torch.no_grad().
-    fused: route LayerNorm+modulate, gated residual and attention through kernels/ (switchable at run time).
+    fused: route LayerNorm+modulate, the gated residuals and attention through kernels/ (switchable at
+        run time; same weights). EqM-E always runs its head with the reference ops: its output is a
+        torch.func.grad, and custom ops cannot join a torch.func transform (undetectable under
+        torch.compile), so for EqM-E only the objective's fused loss applies.
     """
 
     def __init__(
@@ -322,20 +335,32 @@ class EqM(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null label), "
                              f"got range [{int(y.min())}, {int(y.max())}]")
 
-    def _head(self, x, t, y, train, double_grad=False):
-        """The transformer proper: (first C channels of the head output, per-block activations)."""
+    def _head(self, x, t, y, train, fused=False, double_grad=False):
+        """The transformer proper: (first C channels of the head output, per-block activations).
+
+        fused: kernels/ ops (not twice differentiable under torch.func); double_grad: attention by plain
+        matmul+softmax (EqM-E training).
+        """
         if t is None or self.uncond:
             t = torch.zeros(x.shape[0], device=x.device)
         elif t.dim() == 0:
             t = t.expand(x.shape[0])
-        fused = self.fused
         x = self.x_embedder(x) + self.pos_embed           # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, train or self.training)  # (N, D)
         act = []
-        for block in self.blocks:
-            x = block(x, c, fused=fused, double_grad=double_grad)
-            act.append(x)
-        x = self.final_layer(x, c, fused=fused and not double_grad)
+        if fused:  # each residual add is fused with the adaLN that follows it (next block's or final layer's)
+            mods = [block.adaLN_modulation(c).chunk(6, dim=1) for block in self.blocks]
+            mods.append(self.final_layer.adaLN_modulation(c).chunk(2, dim=1))
+            h = adaln_modulate(x, *mods[0][:2], fused=True)
+            for i, block in enumerate(self.blocks):
+                x, h = block.forward_fused(x, h, mods[i], *mods[i + 1][:2])
+                act.append(x)
+            x = self.final_layer.linear(h)
+        else:
+            for block in self.blocks:
+                x = block(x, c, double_grad=double_grad)
+                act.append(x)
+            x = self.final_layer(x, c)
         x = self.unpatchify(x)                             # (N, out_channels, H, W)
         if self.learn_sigma:
             x = x[:, : self.in_channels]
@@ -361,7 +386,7 @@ class EqM(nn.Module):
         """
         self._check_inputs(x, t, y)
         if self.ebm == "none" or get_energy:
-            head, act = self._head(x, t, y, train)
+            head, act = self._head(x, t, y, train, fused=self.fused)
             out = self.energy(head, x) if get_energy else head
             return (out, act) if return_act else out
 
@@ -370,7 +395,7 @@ class EqM(nn.Module):
         # on (the training double backward), and traces under torch.compile(fullgraph=True).
         double_grad = torch.is_grad_enabled()
 
-        def energy_sum(x_in):
+        def energy_sum(x_in):  # reference ops: custom ops cannot join torch.func.grad
             head, act = self._head(x_in, t, y, train, double_grad=double_grad)
             return self.energy(head, x_in).sum(), act
 

@@ -6,10 +6,14 @@ The network learns target = -grad E, so samplers add eta * f(x).
 import torch
 
 
-def eqm_target_scale(t, a=0.8, lam=4.0):
-    """c(t) = lam * min(1, (1 - t) / (1 - a)): lam up to t = a, then linearly down to 0 at t = 1."""
+def _check_a(a):
     if not 0.0 <= a < 1.0:
         raise ValueError(f"a must lie in [0, 1), got {a}")
+
+
+def eqm_target_scale(t, a=0.8, lam=4.0):
+    """c(t) = lam * min(1, (1 - t) / (1 - a)): lam up to t = a, then linearly down to 0 at t = 1."""
+    _check_a(a)
     return lam * torch.clamp((1 - t) / (1 - a), max=1.0)
 
 
@@ -34,7 +38,7 @@ def dispersive_loss(act, tau=1.0):
 
 
 def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None, t=None, train=True,
-                        disp_weight=0.5):
+                        disp_weight=0.5, fused=None):
     """EqM loss terms for a batch of data x1 (N, C, H, W).
 
     model is called as model(xt, t, **model_kwargs) (model_kwargs holds y; train=True is added unless given).
@@ -42,6 +46,8 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
     Returns {"loss": per-sample (N,), "pred", "target", "t"}; when the model returns activations
     (return_act=True, the published --disp) also "disp_loss" (a scalar, already added to "loss"
     with weight disp_weight; the activation used is the last block's).
+    fused: xt/target by kernels.eqm_interpolate and the loss by kernels.eqm_loss (same values); None
+    follows model.fused (or model.module.fused for a DDP wrapper).
     """
     model_kwargs = dict(model_kwargs or {})
     model_kwargs.setdefault("train", train)
@@ -53,10 +59,20 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
         t = torch.rand(n, device=x1.device)
     elif t.shape != (n,):
         raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
-    xt, target = eqm_interpolate(x1, x0, t, a, lam)
+    if fused is None:
+        fused = getattr(model, "fused", getattr(getattr(model, "module", None), "fused", False))
+    if fused:
+        import kernels
+        _check_a(a)
+        xt, target = kernels.eqm_interpolate(x1, x0, t, a, lam, with_target=True)
+    else:
+        xt, target = eqm_interpolate(x1, x0, t, a, lam)
     out = model(xt, t, **model_kwargs)
     pred, act = out if isinstance(out, tuple) else (out, None)
-    loss = (pred - target).pow(2).flatten(1).mean(1)
+    if fused:
+        loss = kernels.eqm_loss(pred, x1, x0, t, a, lam)
+    else:
+        loss = (pred - target).pow(2).flatten(1).mean(1)
     terms = {"pred": pred, "target": target, "t": t}
     if act is not None:
         disp = dispersive_loss(act[-1] if isinstance(act, (list, tuple)) else act)

@@ -1,0 +1,135 @@
+"""EqM(fused=True) against the reference path (Triton interpreter on CPU): fp32, bf16 autocast, EqM-E, compile.
+
+Tolerance rule (as for the kernels): |fused - fp64 reference| <= 2 x |reference - fp64 reference| in the same
+dtype + about one ulp of the largest value. The fp64 reference is the same model in float64 (kernels/ take
+their reference path for float64).
+"""
+import copy
+
+import pytest
+import torch
+
+from eqm.objective import eqm_training_losses
+from kernels._testing import assert_matches, print_errors
+from model_helpers import randomize_, tiny_eqm
+
+# Head dim 16 with two blocks (the cross-block fusion), and head dim 72 (EqM-XL's) with one block.
+CONFIGS = {"h32-depth2": dict(hidden_size=32, num_heads=2, depth=2),
+           "h72-depth1": dict(hidden_size=72, num_heads=1, depth=1)}
+Y = torch.tensor([1, 7])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request):
+    yield
+    print_errors(request, ("EqM",))
+
+
+def _models(seed=0, **kwargs):
+    """(fused fp32, reference fp32, reference fp64) copies of one randomly initialised tiny EqM."""
+    ref = randomize_(tiny_eqm(**kwargs), seed=seed, std=0.1).eval()
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    return fused, ref, copy.deepcopy(ref).double()
+
+
+def _forward_backward(model, x, cotangent, autocast=False):
+    """Output, input gradient and parameter gradients of sum(model(x) * cotangent)."""
+    dtype = next(model.parameters()).dtype
+    x = x.detach().to(dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, None, Y)
+    (out.to(dtype) * cotangent.to(dtype)).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out, x.grad, grads
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_model_matches_fp64_reference(cfg, autocast):
+    torch.manual_seed(0)
+    x, cotangent = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    fused_m, ref_m, ref64_m = _models(**CONFIGS[cfg])
+    fused = _forward_backward(fused_m, x, cotangent, autocast)
+    ref = _forward_backward(ref_m, x, cotangent, autocast)
+    ref64 = _forward_backward(ref64_m, x, cotangent)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    assert fused[0].dtype == ref[0].dtype
+    assert fused[0].abs().max() > 0.1  # randomised weights: a non-trivial output
+    assert_matches(f"EqM forward[{cfg}]", fused[0], ref[0], ref64[0], dtype)
+    assert_matches(f"EqM grad_x[{cfg}]", fused[1], ref[1], ref64[1], dtype)
+    for name, g in fused[2].items():
+        assert_matches(f"EqM grad_params[{cfg}:{name}]", g, ref[2][name], ref64[2][name], dtype)
+
+
+def test_state_dict_and_switch_unchanged():
+    fused, ref, _ = _models(**CONFIGS["h32-depth2"])
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        out_fused = fused(x, None, Y)
+        fused.fused = False  # switched at run time: exactly the reference again
+        assert torch.equal(fused(x, None, Y), ref(x, None, Y))
+    assert not torch.equal(out_fused, ref(x, None, Y).detach())  # the fused path really ran other code
+
+
+# ---------------------------------------------------------------- EqM-E: the double backward
+
+def _ebm_training_grads(model, x1, x0, t, **kwargs):
+    torch.manual_seed(3)  # same label dropout in every call
+    terms = eqm_training_losses(model, x1, dict(y=Y, **kwargs), noise=x0, t=t)
+    terms["loss"].mean().backward()
+    return terms, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("ebm", ["dot", "l2"])
+def test_ebm_training_step_same_gradients_when_fused(ebm):
+    """loss.backward() through grad_x E (double backward): fused model + fused objective == reference, fp32."""
+    torch.manual_seed(0)
+    x1, x0, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.9])
+    ref = randomize_(tiny_eqm(ebm=ebm), std=0.1).train()
+    fused = copy.deepcopy(ref)
+    fused.fused = True
+    terms_r, grads_r = _ebm_training_grads(ref, x1, x0, t, return_act=True)  # with the dispersive loss
+    terms_f, grads_f = _ebm_training_grads(fused, x1, x0, t, return_act=True)
+    assert "disp_loss" in terms_f
+    torch.testing.assert_close(terms_f["loss"], terms_r["loss"], rtol=1e-5, atol=1e-6)
+    assert grads_r["blocks.0.attn.qkv.weight"].abs().sum() > 0  # reached through the second derivative
+    for name, g in grads_f.items():
+        torch.testing.assert_close(g, grads_r[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------- torch.compile(fullgraph=True)
+
+@pytest.fixture(scope="module")
+def compiled_fused_step():
+    """A tiny fused EqM (one block, final layer), compiled with fullgraph=True, eager twin, one forward+backward."""
+    model = randomize_(tiny_eqm(depth=1, hidden_size=32, fused=True), std=0.1).eval()
+    compiled = torch.compile(model, fullgraph=True)
+    x, cotangent = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    results = []
+    for m in (compiled, model):
+        model.zero_grad()
+        out = m(x, None, Y)
+        (out * cotangent).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    return results
+
+
+def test_compiled_fused_model_forward_backward_matches_eager(compiled_fused_step):
+    (out_c, grads_c), (out_e, grads_e) = compiled_fused_step
+    assert out_e.abs().max() > 0.1
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    for name, g in grads_e.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_fused_ebm_forward_matches_eager():
+    """EqM-E (torch.func.grad inside) with fused=True traces with fullgraph=True and matches eager."""
+    model = randomize_(tiny_eqm(depth=1, hidden_size=32, ebm="dot", fused=True), std=0.1).eval()
+    x = torch.randn(2, 4, 8, 8)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():  # sampling: the single-backward input gradient
+        out_c, out_e = compiled(x, None, Y), model(x, None, Y)
+    assert out_e.abs().max() > 0.1
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
