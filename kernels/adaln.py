@@ -188,7 +188,7 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
     split = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), N)))
     part = torch.empty((3 if has_res else 2, N, split, D), dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x)
-    dy = torch.empty_like(y) if has_res else None
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if has_res else None  # contiguous, like y.contiguous()
     _adaln_bwd_kernel[(split, N)](
         x, gate.contiguous() if has_res else x, y.contiguous() if has_res else x, scale.contiguous(),
         dh, dr.contiguous() if has_dr else dh, dx, dy if has_res else dx,
@@ -216,7 +216,7 @@ def _check(x, shift, scale, gate=None, y=None):
 @torch.library.custom_op("eqm::adaln_modulate", mutates_args=())
 def _adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     if not use_triton(x, shift, scale):
-        return adaln_modulate_reference(x, shift, scale, eps)
+        return adaln_modulate_reference(x, shift, scale, eps).contiguous()
     return _launch_forward(x, None, None, shift, scale, eps)[1]
 
 
@@ -232,12 +232,13 @@ def _adaln_bwd_op(x: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor, eps: f
         dx, _, _, dshift, dscale = _launch_backward(x, None, None, scale, dh, None, eps)
     else:
         dx, _, _, dshift, dscale = _backward_math(x, None, None, scale, dh, None, eps)
-    return dx.to(x.dtype), dshift.to(scale.dtype), dscale.to(scale.dtype)
+    return dx.to(x.dtype).contiguous(), dshift.to(scale.dtype), dscale.to(scale.dtype)
 
 
+# Outputs are contiguous whatever the input strides (the fakes must say so for torch.compile).
 @_adaln_bwd_op.register_fake
 def _(x, scale, dh, eps):
-    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+    return x.new_empty(x.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
 
 
 def _adaln_setup(ctx, inputs, output):
@@ -264,7 +265,7 @@ _adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
 def _gated_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(x, gate, y, shift, scale):
-        return gated_residual_adaln_reference(x, gate, y, shift, scale, eps)
+        return tuple(o.contiguous() for o in gated_residual_adaln_reference(x, gate, y, shift, scale, eps))
     return _launch_forward(x, gate, y, shift, scale, eps)
 
 
@@ -284,13 +285,14 @@ def _gated_bwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: t
     else:
         grads = _backward_math(x, gate, y, scale, dh, dr, eps)
     dx, dy, dgate, dshift, dscale = grads
-    return dx.to(x.dtype), dy.to(y.dtype), dgate.to(gate.dtype), dshift.to(scale.dtype), dscale.to(scale.dtype)
+    return (dx.to(x.dtype).contiguous(), dy.to(y.dtype).contiguous(), dgate.to(gate.dtype), dshift.to(scale.dtype),
+            dscale.to(scale.dtype))
 
 
 @_gated_bwd_op.register_fake
 def _(x, gate, y, scale, dh, dr, eps):
-    return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(gate), torch.empty_like(scale),
-            torch.empty_like(scale))
+    return (x.new_empty(x.shape), y.new_empty(y.shape), gate.new_empty(gate.shape), scale.new_empty(scale.shape),
+            scale.new_empty(scale.shape))
 
 
 def _gated_setup(ctx, inputs, output):

@@ -191,14 +191,15 @@ def _loss_bwd_op(pred: torch.Tensor, x1: torch.Tensor, x0: torch.Tensor, t: torc
     else:
         grads = _loss_backward_math(pred, x1, x0, t, g, a, lam)[:3]
     dpred, dx1, dx0 = grads
-    return [dpred.to(pred.dtype), dx1.to(x1.dtype) if need_x1 else pred.new_empty(0),
-            dx0.to(x0.dtype) if need_x0 else pred.new_empty(0)]
+    return [dpred.to(pred.dtype).contiguous(), dx1.to(x1.dtype).contiguous() if need_x1 else pred.new_empty(0),
+            dx0.to(x0.dtype).contiguous() if need_x0 else pred.new_empty(0)]
 
 
+# Outputs are contiguous whatever the input strides (the fakes must say so for torch.compile).
 @_loss_bwd_op.register_fake
 def _(pred, x1, x0, t, g, a, lam, need_x1, need_x0):
-    return [torch.empty_like(pred), torch.empty_like(x1) if need_x1 else pred.new_empty(0),
-            torch.empty_like(x0) if need_x0 else pred.new_empty(0)]
+    return [pred.new_empty(pred.shape), x1.new_empty(x1.shape) if need_x1 else pred.new_empty(0),
+            x0.new_empty(x0.shape) if need_x0 else pred.new_empty(0)]
 
 
 def _loss_setup(ctx, inputs, output):
@@ -225,7 +226,7 @@ def _interp_op(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, a: float, la
                ) -> list[torch.Tensor]:
     if not use_triton(x1, x0):
         out = eqm_interpolate_reference(x1, x0, t, a, lam, with_target)
-        return list(out) if with_target else [out, x1.new_empty(0)]
+        return [o.contiguous() for o in out] if with_target else [out.contiguous(), x1.new_empty(0)]
     N, dtype = x1.shape[0], _out_dtype(x1, x0, t)
     x1f, x0f = _flat(x1), _flat(x0)
     M = x1f.shape[1]
