@@ -82,3 +82,45 @@ def test_bad_noise_or_t_shape():
         eqm_training_losses(FakeModel(), x1, dict(y=torch.tensor([0, 1])), noise=torch.randn(2, 1, 2, 3))
     with pytest.raises(ValueError, match="t must"):
         eqm_training_losses(FakeModel(), x1, dict(y=torch.tensor([0, 1])), t=torch.rand(3))
+
+
+# ---------------------------------------------------------------- fused objective (kernels/, interpreter)
+
+@pytest.mark.parametrize("disp", [False, True], ids=["plain", "dispersive"])
+def test_fused_objective_matches_reference(disp):
+    """kernels.eqm_interpolate + kernels.eqm_loss give the reference losses and parameter gradients (fp32)."""
+    torch.manual_seed(0)
+    x1, x0 = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0.1, 0.85, 0.97])  # both sides of a = 0.8
+    model = randomize_(tiny_eqm(depth=1), std=0.1).eval()
+    kw = dict(y=torch.tensor([0, 1, 2]), return_act=disp)
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        terms = eqm_training_losses(model, x1, kw, a=0.7, lam=3.0, noise=x0, t=t, fused=fused)
+        terms["loss"].mean().backward()
+        results.append((terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ref, ref_grads), (fused, fused_grads) = results
+    assert ("disp_loss" in fused) == disp
+    for key in ("loss", "pred", "target"):
+        torch.testing.assert_close(fused[key], ref[key], rtol=1e-6, atol=1e-6)
+    assert ref_grads["final_layer.linear.weight"].abs().sum() > 0
+    for name, g in fused_grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_objective_follows_model_fused(monkeypatch):
+    import kernels
+    calls = []
+    monkeypatch.setattr(kernels, "eqm_loss", lambda *a, **k: calls.append(1) or kernels.eqm_loss_reference(*a, **k))
+    model = tiny_eqm(depth=1)
+    x1, kw = torch.randn(2, 4, 8, 8), dict(y=torch.tensor([0, 1]))
+    eqm_training_losses(model, x1, kw)
+    assert calls == []
+    model.fused = True
+    eqm_training_losses(model, x1, kw)
+    assert calls == [1]
+    eqm_training_losses(model, x1, kw, fused=False)  # an explicit argument wins
+    assert calls == [1]
+    with pytest.raises(ValueError, match="a must"):
+        eqm_training_losses(model, x1, kw, a=1.0)
