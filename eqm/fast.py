@@ -41,6 +41,16 @@ def set_precision(precision, device):
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+def compile_fn(fn, backend="inductor"):
+    """torch.compile(fn, fullgraph=True): a graph break is an error, never a silent slowdown.
+
+    Every TrainStep / GraphSampler specialises the same code on its own model and settings, so a
+    process that builds many of them needs more than dynamo's default 8 cached variants per code object.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, fullgraph=True, backend=backend)
+
+
 def autocast(device, precision):
     """bf16 autocast context for precision "bf16", else a no-op (weights and grads stay fp32 either way)."""
     if precision == "bf16":
@@ -114,7 +124,7 @@ class TrainStep:
         set_precision(precision, self.device)
         loss = EqMLoss(model, a, lam, precision)
         if compile:
-            loss = torch.compile(loss, fullgraph=True, backend=backend)
+            loss = compile_fn(loss, backend)
         if ddp:
             loss = DDP(loss, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.loss_fn = loss
