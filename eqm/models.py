@@ -2,7 +2,8 @@
 
 Read top to bottom: the hot ops (LayerNorm+modulate, gated residual, attention) are small functions,
 each with a `fused` switch that routes it to `kernels/` with the same weights; then the embedders,
-the block, the final layer, the model (incl. the explicit-energy variant EqM-E) and the registry.
+the block (a reference forward, and a fused one that merges each residual add with the adaLN after
+it), the final layer, the model (incl. the explicit-energy variant EqM-E) and the registry.
 """
 import math
 import warnings
