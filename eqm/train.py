@@ -1,0 +1,396 @@
+"""Train EqM: `python -m eqm.train` (or `eqm-train`, or under `torchrun`).
+
+Accepts every flag of the published EqM train.py with the same defaults, plus --max-steps, --lr,
+--ema-decay, --precision, --grad-clip, --fused, --sample-every. `--data-path digits` trains a small
+pixel-space model on scikit-learn's 8x8 digits so the whole loop runs on a laptop CPU.
+"""
+import argparse
+import glob
+import os
+import re
+import sys
+import time
+from copy import deepcopy
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from eqm import data, distributed, vae as vae_lib
+from eqm.models import EqM_models
+from eqm.objective import eqm_training_losses
+from eqm.utils import create_logger, format_config, requires_grad, save_image_grid, update_ema
+
+EBM_CHOICES = ["none", "l2", "dot", "mean"]
+
+# Defaults of the published train.py (ImageNet, latent space) and of the built-in digits run.
+PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, global_batch_size=256, vae="ema",
+                          lr=1e-4, ema_decay=0.9999, ckpt_every=50_000, sample_every=10_000, cfg_scale=4.0)
+DIGITS_DEFAULTS = dict(model="EqM-Ti/2", image_size=8, num_classes=10, global_batch_size=64, vae="none",
+                       lr=1e-3,  # a 6-layer model on 1797 images learns fast; 1e-4 needs ~10x the steps
+                       ema_decay=0.995,  # 0.9999 averages over 10k steps: longer than a whole CPU run
+                       ckpt_every=1000, sample_every=1000, cfg_scale=1.0)
+GRID_STEPSIZE = 0.003  # sample grids during training use GD with the published EqM-B/2 step size
+
+
+def str2bool(v):
+    """argparse type for the published `--uncond` (type=bool there, which turns "False" into True)."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+
+
+def add_transport_args(parser):
+    """The published SiT transport flags: accepted so old commands run; EqM's objective does not use them."""
+    g = parser.add_argument_group("published transport flags (accepted, unused by EqM)")
+    g.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
+    g.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
+    g.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"])
+    g.add_argument("--sample-eps", type=float)
+    g.add_argument("--train-eps", type=float)
+
+
+def none_or_str(v):
+    return None if v == "None" else v
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="eqm-train", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("published flags (defaults in brackets are the ImageNet ones; digits -> small run)")
+    g.add_argument("--data-path", type=str, required=True, help="ImageFolder root, or 'digits' (built in)")
+    g.add_argument("--results-dir", type=str, default="results")
+    g.add_argument("--model", type=str, default=None, help="[EqM-XL/2] registry name; digits: EqM-Ti/2")
+    g.add_argument("--image-size", type=int, default=None, help="[256]; digits: 8")
+    g.add_argument("--num-classes", type=int, default=None, help="[1000]; digits: 10")
+    g.add_argument("--epochs", type=int, default=80)
+    g.add_argument("--global-batch-size", type=int, default=None, help="[256]; digits: 64")
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--vae", type=str, default=None, help="[ema] ema | mse | none (pixel space) | local folder")
+    g.add_argument("--num-workers", type=int, default=4)
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--ckpt-every", type=int, default=None, help="[50000]; digits: 1000")
+    g.add_argument("--cfg-scale", type=float, default=None, help="[4.0] for sample grids; digits: 1.0")
+    g.add_argument("--wandb", action="store_true")
+    g.add_argument("--ckpt", type=str, default=None, help="checkpoint to resume from (or initialise with)")
+    g.add_argument("--disp", action="store_true", help="add the Dispersive Loss")
+    g.add_argument("--uncond", type=str2bool, default=True, help="disable noise conditioning (t = 0)")
+    g.add_argument("--ebm", type=str, choices=EBM_CHOICES, default="none", help="explicit energy (EqM-E)")
+    add_transport_args(p)
+    g = p.add_argument_group("additions")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    g.add_argument("--lr", type=float, default=None, help="[1e-4] AdamW lr; digits: 1e-3")
+    g.add_argument("--ema-decay", type=float, default=None, help="[0.9999]; digits: 0.995")
+    g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
+                   help="fp32: strict fp32; tf32: TF32 matmuls (the published setting); bf16: bf16 autocast")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the global grad norm (off when unset)")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="route the hot path through kernels/ (default: on with CUDA)")
+    g.add_argument("--sample-every", type=int, default=None,
+                   help="[10000] save an EMA sample grid PNG every N steps and at the end; 0 = off; digits: 1000")
+    g.add_argument("--sample-steps", type=int, default=250, help="GD steps for those grids (stepsize 0.003)")
+    g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
+    return p
+
+
+def resolve_args(args, parser):
+    """Fill unset options from the published or the digits defaults and validate them."""
+    digits = args.data_path == "digits"
+    for k, v in (DIGITS_DEFAULTS if digits else PUBLISHED_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.fused is None:
+        args.fused = torch.cuda.is_available() and args.device != "cpu"
+    if args.model not in EqM_models:
+        parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
+    patch = int(args.model.split("/")[-1])
+    if vae_lib.is_pixel_space(args.vae):
+        args.vae, input_size = "none", args.image_size
+    else:
+        if args.image_size % 8:
+            parser.error(f"--image-size {args.image_size} must be divisible by 8 for the VAE encoder "
+                         "(or use --vae none for pixel space)")
+        input_size = args.image_size // 8
+    if input_size % patch:
+        parser.error(f"{args.model} has patch size {patch}, but its input is {input_size}x{input_size} "
+                     f"(--image-size {args.image_size}{'' if args.vae == 'none' else ' / 8'}): pick an image "
+                     f"size whose model input is divisible by {patch}")
+    for name in ("global_batch_size", "epochs", "log_every", "ckpt_every", "num_classes"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.max_steps is not None and args.max_steps < 0:
+        parser.error("--max-steps must be >= 0")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        parser.error("--ema-decay must lie in [0, 1]")
+    if args.path_type != "Linear" or args.prediction != "velocity" or args.loss_weight is not None:
+        print("note: --path-type/--prediction/--loss-weight are published SiT flags; EqM ignores them",
+              file=sys.stderr)
+    args.input_size = input_size
+    return args
+
+
+def set_precision(precision):
+    """TF32 on for tf32/bf16 (the published setting), off for strict fp32."""
+    tf32 = precision in ("tf32", "bf16")
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def step_from_filename(path):
+    """Published checkpoints are named <step:07d>.pt and store no step: recover it from the name."""
+    m = re.fullmatch(r"(\d+)\.pt", os.path.basename(path))
+    return int(m.group(1)) if m else 0
+
+
+def new_experiment_dir(results_dir, model_name):
+    os.makedirs(results_dir, exist_ok=True)
+    index = len(glob.glob(os.path.join(results_dir, "*")))
+    exp = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
+    os.makedirs(os.path.join(exp, "checkpoints"), exist_ok=True)
+    return exp
+
+
+def rng_state(device):
+    """This process's RNG state (noise, t and label dropout are drawn from the global generators)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def grid_inputs(args, num_classes, device):
+    """Fixed noise and labels for the periodic sample grids (the same at every step, so grids compare)."""
+    g = torch.Generator().manual_seed(args.global_seed)
+    n = 10 * num_classes if num_classes <= 10 else 64
+    y = torch.arange(n) % num_classes if num_classes <= 10 else torch.randint(num_classes, (n,), generator=g)
+    x = torch.randn(n, args.in_channels, args.input_size, args.input_size, generator=g)
+    return x.to(device), y.to(device), (num_classes if num_classes <= 10 else 8)
+
+
+@torch.no_grad()
+def sample_grid(ema, vae, args, num_classes, device, path):
+    """Sample with the EMA model from fixed noise and save one PNG grid."""
+    from eqm.samplers import sample
+
+    x, y, nrow = grid_inputs(args, num_classes, device)
+    out = sample(ema, x, y, sampler="gd", steps=args.sample_steps, stepsize=GRID_STEPSIZE, cfg_scale=args.cfg_scale)
+    out = out[0] if isinstance(out, tuple) else out
+    if vae is not None:
+        out = torch.cat([vae_lib.decode(vae, z) for z in out.split(16)])
+    return save_image_grid(out.float(), path, nrow=nrow)
+
+
+class SetupError(Exception):
+    """A user-facing configuration problem found while setting up a run."""
+
+
+def main(argv=None):
+    """Parse flags, train, and return a summary dict (steps, seconds, final loss, paths, log)."""
+    parser = get_parser()
+    args = resolve_args(parser.parse_args(argv), parser)
+    dist_info = distributed.setup(args.device)
+    try:
+        return train(args, dist_info)
+    except SetupError as e:
+        raise SystemExit(f"eqm-train: error: {e}") from None
+    finally:
+        distributed.cleanup()
+
+
+def load_resume(args, model, ema, opt, logger):
+    """Load --ckpt into model/ema/opt; return the saved training state (step, data position, rng)."""
+    from eqm.checkpoint import load_checkpoint, load_model_state
+
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+    except FileNotFoundError as e:
+        raise SetupError(f"--ckpt {args.ckpt!r} not found") from e
+    try:
+        if "model" in ckpt:
+            load_model_state(model, ckpt, prefer="model")
+            load_model_state(ema, ckpt, prefer="ema")
+        else:  # a bare state dict (e.g. published EMA weights): initialise both from it, as published
+            load_model_state(model, ckpt)
+            load_model_state(ema, ckpt)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise SetupError(f"cannot load --ckpt {args.ckpt!r} into {args.model}: {e}") from None
+    if "opt" in ckpt:
+        opt.load_state_dict(ckpt["opt"])
+    state = {"step": ckpt.get("step", step_from_filename(args.ckpt)), "data": ckpt.get("data"),
+             "rng": ckpt.get("rng")}
+    logger.info(f"Resumed from {args.ckpt} at step {state['step']}")
+    return state
+
+
+def train(args, dist_info):
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    set_precision(args.precision)
+    torch.manual_seed(args.global_seed * world + rank)
+
+    try:
+        loader, sampler = data.build_loader(args, rank, world, args.global_seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SetupError(str(e)) from None
+    if loader.num_classes > args.num_classes:
+        raise SetupError(f"the data has {loader.num_classes} classes but --num-classes is {args.num_classes}")
+    exp_dir = new_experiment_dir(args.results_dir, args.model) if rank == 0 else None
+    exp_dir = distributed.broadcast_object(exp_dir)
+    logger = create_logger(exp_dir, rank)
+    pixel = args.vae == "none"
+    if pixel or loader.latents:
+        args.in_channels = loader.channels
+    else:
+        args.in_channels = 4
+    vae = None
+    if not pixel:
+        try:
+            vae = vae_lib.load_vae(args.vae, device)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SetupError(str(e)) from None
+    logger.info("Resolved configuration:\n" + format_config(args))
+    if rank == 0:
+        print(f"Experiment directory: {exp_dir}", flush=True)
+
+    model = EqM_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
+                                   num_classes=args.num_classes, uncond=args.uncond, ebm=args.ebm).to(device)
+    model.fused = args.fused
+    ema = deepcopy(model)
+    requires_grad(ema, False)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
+                            fused=True if device.type == "cuda" else None)
+    logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
+
+    step, epoch, batch = 0, 0, 0
+    if args.ckpt:
+        state = load_resume(args, model, ema, opt, logger)
+        step = state["step"]
+        pos = state["data"]
+        if pos is not None:
+            epoch = pos["epoch"]
+            batch = pos["batch"] * pos["global_batch_size"] // args.global_batch_size
+        elif step:
+            epoch, batch = divmod(step, sampler.batches_per_epoch)
+        rngs = state["rng"]
+        if rngs is not None and len(rngs) == world:
+            set_rng_state(rngs[rank], device)
+        else:
+            torch.manual_seed((args.global_seed * world + rank) * 1_000_003 + step)
+    for g_ in opt.param_groups:  # --lr wins over the lr stored in the optimizer state
+        g_["lr"] = args.lr
+
+    ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    model.train()  # enables label dropout for classifier-free guidance
+    ema.eval()
+
+    if args.wandb and rank == 0:
+        try:
+            import wandb
+        except ImportError:
+            raise SetupError("--wandb needs the wandb package: pip install wandb") from None
+        wandb.init(project=os.environ.get("PROJECT", "eqm"), entity=os.environ.get("ENTITY"),
+                   name=os.path.basename(exp_dir), config=vars(args))
+
+    bpe = sampler.batches_per_epoch
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * bpe
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    model_kwargs = dict(return_act=args.disp)
+    log, last_ckpt, last_grid, avg_loss = [], None, None, float("nan")
+    running, log_steps = torch.zeros((), device=device), 0
+    t_start = t_log = time.time()
+    start_step = step
+    pbar = tqdm(total=total_steps, initial=min(step, total_steps), disable=None if rank == 0 else True,
+                desc="train", dynamic_ncols=True)
+    logger.info(f"Training to step {total_steps} ({bpe} batches/epoch per rank, {world} rank(s))...")
+
+    def save(step, epoch, batch):
+        rngs = distributed.all_gather_object(rng_state(device))
+        if rank != 0:
+            return None
+        from eqm.checkpoint import save_checkpoint
+
+        path = os.path.join(exp_dir, "checkpoints", f"{step:07d}.pt")
+        save_checkpoint(path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args,
+            "step": step, "epoch": epoch, "world_size": world, "rng": rngs,
+            "data": {"epoch": epoch, "batch": batch, "global_batch_size": args.global_batch_size,
+                     "seed": args.global_seed},
+        })
+        logger.info(f"Saved checkpoint to {path}")
+        return path
+
+    while step < total_steps:
+        sampler.set_epoch(epoch, batch)
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if vae is not None and not loader.latents:
+                x = vae_lib.encode(vae, x)
+            with autocast:
+                loss = eqm_training_losses(ddp_model, x, dict(y=y, **model_kwargs), train=True)["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            update_ema(ema, model, args.ema_decay)
+            step += 1
+            batch += 1
+            running += loss.detach()
+            log_steps += 1
+            pbar.update(1)
+
+            if step % args.log_every == 0 or step == total_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.time()
+                avg_loss = distributed.all_reduce_mean(running / log_steps).item()
+                steps_per_sec = log_steps / (now - t_log)
+                logger.info(f"(step={step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
+                pbar.set_postfix(loss=f"{avg_loss:.4f}", it_s=f"{steps_per_sec:.1f}")
+                log.append({"step": step, "loss": avg_loss, "steps_per_sec": steps_per_sec})
+                if args.wandb and rank == 0:
+                    wandb.log({"train loss": avg_loss, "train steps/sec": steps_per_sec}, step=step)
+                running.zero_()
+                log_steps, t_log = 0, time.time()
+            if args.sample_every and step % args.sample_every == 0 and rank == 0:
+                last_grid = sample_grid(ema, vae, args, loader.num_classes, device,
+                                        os.path.join(exp_dir, "samples", f"{step:07d}.png"))
+                logger.info(f"Saved sample grid to {last_grid}")
+            if step % args.ckpt_every == 0:
+                last_ckpt = save(step, epoch, batch)
+                distributed.barrier()
+            if step >= total_steps:
+                break
+        if batch >= bpe:
+            epoch, batch = epoch + 1, 0
+    pbar.close()
+
+    if step > start_step and (last_ckpt is None or not last_ckpt.endswith(f"{step:07d}.pt")):
+        last_ckpt = save(step, epoch, batch)
+    if rank == 0 and args.sample_every and step > start_step and (last_grid is None or not last_grid.endswith(f"{step:07d}.png")):
+        last_grid = sample_grid(ema, vae, args, loader.num_classes, device,
+                                os.path.join(exp_dir, "samples", f"{step:07d}.png"))
+    distributed.barrier()
+    seconds = time.time() - t_start
+    summary = {"steps": step, "steps_this_run": step - start_step, "seconds": seconds, "final_loss": avg_loss,
+               "experiment_dir": exp_dir, "checkpoint": last_ckpt, "sample_grid": last_grid, "log": log}
+    if rank == 0:
+        logger.info(
+            f"Done: {step - start_step} steps this run (now at step {step}) in {seconds:.1f} s "
+            f"({(step - start_step) / max(seconds, 1e-9):.2f} steps/s), final loss {avg_loss:.4f}.\n"
+            f"  checkpoint:  {last_ckpt}\n  sample grid: {last_grid}\n  log:         {os.path.join(exp_dir, 'log.txt')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
