@@ -1,0 +1,215 @@
+"""Sample EqM by gradient descent: `python -m eqm.sample` (or `eqm-sample`, or under `torchrun`).
+
+Accepts the flags of the published sample_gd.py (--sampler gd|ngd, --stepsize, --mu, ...) and writes
+<folder>/<index:06d>.png per sample, <folder>/grid.png, and <folder>/samples.npz for the ADM evaluator
+(arr_0: uint8 (N, H, W, 3), exactly --num-fid-samples images; labels: the class each was drawn for).
+Sample i depends only on --global-seed and i, not on the number of processes or the batch size.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from eqm import distributed, vae as vae_lib
+from eqm.models import EqM_models
+from eqm.samplers import sample
+from eqm.train import EBM_CHOICES, add_transport_args, str2bool
+from eqm.utils import create_logger, save_image_grid, to_uint8
+
+PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
+                          num_fid_samples=50_000, cfg_scale=4.0)
+DIGITS_DEFAULTS = dict(model="EqM-Ti/2", image_size=8, num_classes=10, vae="none", ebm="none",
+                       num_fid_samples=1000, cfg_scale=1.0)
+FROM_CHECKPOINT = ("model", "image_size", "num_classes", "vae", "ebm", "uncond", "data_path", "in_channels")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="eqm-sample", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("published flags (unset model options come from the checkpoint's args)")
+    g.add_argument("--model", type=str, default=None, help="[EqM-XL/2]")
+    g.add_argument("--image-size", type=int, default=None, help="[256]")
+    g.add_argument("--num-classes", type=int, default=None, help="[1000]")
+    g.add_argument("--global-batch-size", type=int, default=256, help="samples per step over all processes")
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--vae", type=str, default=None, help="[ema] ema | mse | none (pixel space) | local folder")
+    g.add_argument("--cfg-scale", type=float, default=None, help="[4.0]; digits: 1.0")
+    g.add_argument("--ckpt", type=str, default=None, help="checkpoint (EMA weights preferred)")
+    g.add_argument("--stepsize", type=float, default=0.0017, help="step size eta")
+    g.add_argument("--num-sampling-steps", type=int, default=250, help="steps; steps - 1 updates are made")
+    g.add_argument("--folder", "--sample-dir", dest="folder", type=str, default="samples")
+    g.add_argument("--sampler", type=str, default="gd", choices=["gd", "ngd"])
+    g.add_argument("--mu", type=float, default=0.3, help="NAG-GD momentum mu")
+    g.add_argument("--num-fid-samples", type=int, default=None, help="[50000]; digits: 1000")
+    g.add_argument("--uncond", type=str2bool, default=None, help="[True] disable noise conditioning")
+    g.add_argument("--ebm", type=str, choices=EBM_CHOICES, default=None, help="[none] explicit energy (EqM-E)")
+    add_transport_args(p)
+    g = p.add_argument_group("additions")
+    g.add_argument("--per-proc-batch-size", type=int, default=None, help="overrides --global-batch-size / world")
+    g.add_argument("--cfg-channels", choices=["3", "all"], default="3",
+                   help="channels CFG acts on: 3 (published: latent channels 0-2) or all")
+    g.add_argument("--stop-grad-norm", type=float, default=None,
+                   help="adaptive compute: freeze a sample once |f(x)| falls below this")
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="route the hot path through kernels/ (default: on with CUDA)")
+    g.add_argument("--data-path", type=str, default=None, help="'digits' selects the digits defaults")
+    g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
+    return p
+
+
+def checkpoint_args(ckpt):
+    """The training options stored in a checkpoint (a Namespace or a dict), or {}."""
+    a = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if a is None:
+        return {}
+    return dict(vars(a)) if isinstance(a, argparse.Namespace) else dict(a)
+
+
+def resolve_args(args, parser, ckpt_args):
+    """Explicit flags win, then the checkpoint's training args, then the digits/published defaults."""
+    for k in FROM_CHECKPOINT:
+        if getattr(args, k, None) is None and ckpt_args.get(k) is not None:
+            setattr(args, k, ckpt_args[k])
+    digits = args.data_path == "digits"
+    for k, v in (DIGITS_DEFAULTS if digits else PUBLISHED_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.uncond is None:
+        args.uncond = True
+    if args.fused is None:
+        args.fused = torch.cuda.is_available() and args.device != "cpu"
+    if args.model not in EqM_models:
+        parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
+    patch = int(args.model.split("/")[-1])
+    if vae_lib.is_pixel_space(args.vae):
+        args.vae, args.input_size = "none", args.image_size
+        if getattr(args, "in_channels", None) is None:
+            args.in_channels = 1 if digits else 3
+    else:
+        if args.image_size % 8:
+            parser.error(f"--image-size {args.image_size} must be divisible by 8 for the VAE decoder")
+        args.input_size, args.in_channels = args.image_size // 8, 4
+    if args.input_size % patch:
+        parser.error(f"{args.model} has patch size {patch}, but its input is {args.input_size}x{args.input_size} "
+                     f"(--image-size {args.image_size}): pick an image size whose model input divides by {patch}")
+    for name in ("num_fid_samples", "num_sampling_steps", "global_batch_size", "num_classes"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.per_proc_batch_size is not None and args.per_proc_batch_size <= 0:
+        parser.error("--per-proc-batch-size must be positive")
+    return args
+
+
+def start_noise(indices, shape, seed):
+    """N(0, I) start points; sample i's noise comes from its own generator seeded by (seed, i)."""
+    out = torch.empty(len(indices), *shape)
+    for j, i in enumerate(indices):
+        out[j] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_000_007 + i))
+    return out
+
+
+def sample_labels(n, num_classes, seed):
+    """The class of every sample index (uniform, fixed by the seed)."""
+    return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def write_npz(folder, n, labels):
+    """Assemble <folder>/samples.npz from the per-sample PNGs (arr_0 uint8 (n, H, W, 3), labels (n,))."""
+    arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB"))
+                    for i in tqdm(range(n), desc="building .npz", disable=None)])
+    path = os.path.join(folder, "samples.npz")
+    np.savez(path, arr_0=arr, labels=labels.numpy().astype(np.int64))
+    return path, arr
+
+
+def main(argv=None):
+    """Parse flags, sample, and return a summary dict (paths, count, seconds)."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    ckpt = None
+    if args.ckpt is not None:
+        from eqm.checkpoint import load_checkpoint
+
+        try:
+            ckpt = load_checkpoint(args.ckpt)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SystemExit(f"eqm-sample: error: {e}") from None
+    args = resolve_args(args, parser, checkpoint_args(ckpt) if ckpt is not None else {})
+    dist_info = distributed.setup(args.device)
+    try:
+        return run(args, ckpt, dist_info)
+    finally:
+        distributed.cleanup()
+
+
+def run(args, ckpt, dist_info):
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    logger = create_logger(None, rank, name="eqm-sample")
+    torch.set_float32_matmul_precision("high")  # TF32, as the published sampler
+    model = EqM_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
+                                   num_classes=args.num_classes, uncond=args.uncond, ebm=args.ebm)
+    if ckpt is not None:
+        from eqm.checkpoint import load_model_state
+
+        try:
+            source = load_model_state(model, ckpt, prefer="ema")
+        except ValueError as e:
+            raise SystemExit(f"eqm-sample: error: cannot load --ckpt {args.ckpt!r} into {args.model}: {e}") from None
+        logger.info(f"Loaded {args.model} weights from {args.ckpt} ({source})")
+    else:
+        logger.info("warning: no --ckpt given: sampling an untrained (randomly initialised) model")
+    model = model.to(device).eval().requires_grad_(False)
+    model.fused = args.fused
+    vae = None
+    if args.vae != "none":
+        try:
+            vae = vae_lib.load_vae(args.vae, device)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SystemExit(f"eqm-sample: error: {e}") from None
+
+    n = args.num_fid_samples
+    bs = args.per_proc_batch_size or max(1, args.global_batch_size // world)
+    labels = sample_labels(n, args.num_classes, args.global_seed)
+    mine = list(range(rank, n, world))  # this rank's share: disjoint, interleaved like the published code
+    cfg_channels = "all" if args.cfg_channels == "all" else 3
+    shape = (args.in_channels, args.input_size, args.input_size)
+    if rank == 0:
+        os.makedirs(args.folder, exist_ok=True)
+        logger.info(f"Sampling {n} images ({args.sampler}, {args.num_sampling_steps} steps, eta {args.stepsize}, "
+                    f"cfg {args.cfg_scale}) with {world} process(es), batch {bs} each, into {args.folder}")
+    distributed.barrier()
+    t0 = time.time()
+    nfe = 0
+    for start in tqdm(range(0, len(mine), bs), desc="sampling", disable=None if rank == 0 else True):
+        idx = mine[start:start + bs]
+        x = start_noise(idx, shape, args.global_seed).to(device)
+        y = labels[idx].to(device)
+        with torch.no_grad():
+            out, stats = sample(model, x, y, sampler=args.sampler, steps=args.num_sampling_steps,
+                                stepsize=args.stepsize, mu=args.mu, cfg_scale=args.cfg_scale,
+                                cfg_channels=cfg_channels, stop_grad_norm=args.stop_grad_norm, return_stats=True)
+            nfe += stats["total_nfe"]
+            if vae is not None:
+                out = vae_lib.decode(vae, out)
+        for i, img in zip(idx, to_uint8(out)):
+            Image.fromarray(img).save(os.path.join(args.folder, f"{i:06d}.png"))
+    distributed.barrier()
+    seconds = time.time() - t0
+    nfe = int(sum(distributed.all_gather_object(nfe)))
+    summary = {"folder": args.folder, "num_samples": n, "seconds": seconds, "nfe_per_sample": nfe / n}
+    if rank == 0:
+        npz, arr = write_npz(args.folder, n, labels)
+        grid = save_image_grid(arr[:100], os.path.join(args.folder, "grid.png"),
+                               nrow=10 if arr.shape[0] >= 100 else None)
+        summary.update(npz=npz, grid=grid)
+        logger.info(f"Done: {n} samples in {seconds:.1f} s ({nfe / n:.1f} model evaluations each).\n"
+                    f"  npz:  {npz} [arr_0 {arr.shape} uint8, labels]\n  grid: {grid}\n  pngs: {args.folder}/")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

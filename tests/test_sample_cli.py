@@ -1,0 +1,89 @@
+"""Sampling CLI: train a few digits steps, sample, check the ADM .npz, the PNGs, the grid and the errors."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eqm import sample, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    s = train.main(["--data-path", "digits", "--model", "EqM-Ti/4", "--image-size", "8", "--global-batch-size", "16",
+                    "--max-steps", "3", "--sample-every", "0", "--results-dir", str(out)])
+    torch.set_num_threads(n)
+    return s["checkpoint"]
+
+
+def run_sample(ckpt, folder, *extra):
+    return sample.main(["--ckpt", ckpt, "--folder", str(folder), "--num-sampling-steps", "4", *map(str, extra)])
+
+
+def test_sample_npz_pngs_grid(digits_ckpt, tmp_path):
+    s = run_sample(digits_ckpt, tmp_path / "s", "--num-fid-samples", 13, "--global-batch-size", 5)
+    d = np.load(s["npz"])
+    arr, labels = d["arr_0"], d["labels"]
+    assert s["npz"] == str(tmp_path / "s" / "samples.npz")
+    assert arr.shape == (13, 8, 8, 3) and arr.dtype == np.uint8  # model, image size from the checkpoint
+    assert labels.shape == (13,) and labels.dtype == np.int64 and set(labels.tolist()) <= set(range(10))
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()  # grayscale -> RGB
+    pngs = sorted(f for f in os.listdir(tmp_path / "s") if f.endswith(".png") and f != "grid.png")
+    assert pngs == [f"{i:06d}.png" for i in range(13)]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s" / "000007.png")), arr[7])
+    grid = np.asarray(Image.open(s["grid"]))
+    assert grid.shape[2] == 3 and grid.std() > 1
+    assert arr.std() > 1  # not a constant image
+    # sample i depends only on the seed and i: another batch size (and cfg 1 = no guidance) gives the same npz
+    s2 = run_sample(digits_ckpt, tmp_path / "s2", "--num-fid-samples", 13, "--global-batch-size", 13)
+    d2 = np.load(s2["npz"])
+    np.testing.assert_array_equal(d2["arr_0"], arr)
+    np.testing.assert_array_equal(d2["labels"], labels)
+
+
+def test_sample_options(digits_ckpt, tmp_path):
+    base = np.load(run_sample(digits_ckpt, tmp_path / "a", "--num-fid-samples", 4)["npz"])["arr_0"]
+    ngd = run_sample(digits_ckpt, tmp_path / "b", "--num-fid-samples", 4, "--sampler", "ngd", "--mu", 0.3,
+                     "--stepsize", 0.05, "--cfg-scale", 2.0, "--cfg-channels", "all")
+    assert np.load(ngd["npz"])["arr_0"].shape == base.shape
+    stop = run_sample(digits_ckpt, tmp_path / "c", "--num-fid-samples", 4, "--stop-grad-norm", 1e9)
+    assert stop["nfe_per_sample"] == 1  # every sample stops after its first field evaluation
+
+
+def test_sample_errors(digits_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="checkpoint is EqM-Ti/4 .* but model is EqM-S/2"):
+        run_sample(digits_ckpt, tmp_path / "x", "--model", "EqM-S/2", "--num-fid-samples", 2)
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        run_sample(str(tmp_path / "nope.pt"), tmp_path / "x")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", "EqM-Z/2"])
+    assert e.value.code == 2 and "unknown --model 'EqM-Z/2'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--image-size", "100"])
+    assert e.value.code == 2 and "divisible by 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):
+        sample.main(["--model", "EqM-Ti/4", "--image-size", "32", "--num-fid-samples", "1",
+                     "--folder", str(tmp_path / "v")])
+
+
+def test_sample_latent_with_local_vae(tmp_path):
+    from test_data import make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path / "vae")
+    s = sample.main(["--model", "EqM-Ti/2", "--image-size", "32", "--vae", vae, "--num-classes", "3",
+                     "--num-fid-samples", "3", "--num-sampling-steps", "2", "--folder", str(tmp_path / "s")])
+    d = np.load(s["npz"])
+    assert d["arr_0"].shape == (3, 32, 32, 3) and d["arr_0"].dtype == np.uint8
+    assert set(d["labels"].tolist()) <= {0, 1, 2}
