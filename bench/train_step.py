@@ -1,0 +1,71 @@
+"""Steps/s of the eqm.train step (EqM loss, AdamW, EMA update) on random data, eager, as the CLI runs it.
+
+    python bench/train_step.py                                   # EqM-S/2, batch 8, 32x32x4, this CPU
+    python bench/train_step.py --model EqM-Ti/2 --batch-size 64 --input-size 8 --channels 1 --threads 1
+"""
+import argparse
+import os
+import sys
+import time
+from copy import deepcopy
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eqm.models import EqM_models  # noqa: E402
+from eqm.objective import eqm_training_losses  # noqa: E402
+from eqm.utils import update_ema  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="EqM-S/2")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = EqM_models[args.model](input_size=args.input_size, in_channels=args.channels,
+                                   num_classes=args.num_classes).to(device).train()
+    ema = deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    x = torch.randn(args.batch_size, args.channels, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step():
+        with autocast:
+            loss = eqm_training_losses(model, x, dict(y=y), train=True)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update_ema(ema, model, 0.9999)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / args.steps
+    print(f"{args.model} batch {args.batch_size} input {args.input_size}x{args.input_size}x{args.channels} "
+          f"{args.precision} on {device} ({torch.get_num_threads()} threads): {1 / dt:.3f} steps/s, "
+          f"{args.batch_size / dt:.1f} img/s, {dt * 1e3:.0f} ms/step")
+    return 1 / dt
+
+
+if __name__ == "__main__":
+    main()
