@@ -7,6 +7,8 @@ masked instead of gathered, so every step has the same shapes. On CUDA a block o
 captured once as a CUDA graph and replayed; on CPU (and inside the CUDA graph) the step runs under
 torch.compile(fullgraph=True).
 """
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
@@ -47,6 +49,7 @@ class GraphSampler:
         self.nfe = torch.zeros(n, dtype=torch.long, device=self.device)
         self.step_fn = compile_fn(self.step, backend) if compile else self.step
         self.graphs = {}  # number of steps -> captured CUDA graph
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None  # one memory pool for all graphs
 
     def step(self, x, g, y, active, nfe):
         """One update of the buffers in place; the frozen samples keep x and g unchanged."""
@@ -72,22 +75,48 @@ class GraphSampler:
         for _ in range(k):
             self.step_fn(self.x, self.g, self.y, self.active, self.nfe)
 
+    @contextlib.contextmanager
+    def _state_kept(self):
+        """Warm-up and capture run steps on the buffers: put the sampling state back afterwards."""
+        bufs = (self.x, self.g, self.active, self.nfe)
+        saved = [b.clone() for b in bufs]
+        yield
+        for b, v in zip(bufs, saved):
+            b.copy_(v)
+
     def _graph(self, k):
         """CUDA graph of k steps, captured on first use after a warm-up on a side stream."""
         if k not in self.graphs:
-            saved = [b.clone() for b in (self.x, self.g, self.active, self.nfe)]
-            s = torch.cuda.Stream(self.device)
-            s.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(s):
-                self._steps(min(k, 3))  # compile and allocate outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._steps(k)
-            for b, v in zip((self.x, self.g, self.active, self.nfe), saved):
-                b.copy_(v)
-            self.graphs[k] = graph
+            with self._state_kept():
+                self.graphs[k] = self._capture(k)
         return self.graphs[k]
+
+    def _capture(self, k):
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            self._steps(min(k, 3))  # compile and allocate outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._steps(k)
+        return graph
+
+    def _chunk(self):
+        # CPU: check for an all-frozen batch every step (free); CUDA: once per block (one sync).
+        return self.block if (self.cuda_graph or self.stop_grad_norm is None) else 1
+
+    @torch.no_grad()
+    def prepare(self, steps):
+        """Compile (and on CUDA capture the block and remainder graphs) for a `steps`-step run, so that
+        timing a later run measures no compilation or capture."""
+        if not self.cuda_graph:
+            with self._state_kept():
+                self._steps(1)
+            return
+        updates, chunk = steps - 1, self._chunk()
+        for k in {min(chunk, updates), updates % chunk} - {0}:
+            self._graph(k)
 
     @torch.no_grad()
     def run(self, x, y, steps=250, progress=False):
@@ -96,15 +125,12 @@ class GraphSampler:
             raise ValueError(f"this sampler was built for shape {tuple(self.x.shape)}, got {tuple(x.shape)}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        with torch.no_grad():
-            self.x.copy_(x)
-            self.g.zero_()
-            self.y.copy_(y)
-            self.active.fill_(True)
-            self.nfe.zero_()
-        updates = steps - 1
-        # CPU: check for an all-frozen batch every step (free); CUDA: once per block (one sync).
-        chunk = self.block if (self.cuda_graph or self.stop_grad_norm is None) else 1
+        self.x.copy_(x)
+        self.g.zero_()
+        self.y.copy_(y)
+        self.active.fill_(True)
+        self.nfe.zero_()
+        updates, chunk = steps - 1, self._chunk()
         bar = tqdm(total=updates, disable=not progress, desc=f"{self.sampler} sampling (static buffers)")
         done = 0
         while done < updates:

@@ -1,0 +1,382 @@
+"""Training and sampling throughput of EqM: the reference path against the fast path, in one run.
+
+    python bench/throughput.py                                    # small CPU default, a few minutes
+    python bench/throughput.py --model EqM-XL/2 --batch-size 256  # the headline table on a GPU
+
+reference: eager fp32 (TF32 on CUDA, as the published code sets), fused=False, torch AdamW, a per-parameter
+    EMA and eqm.samplers.sample: the published code's way of running.
+fast: eqm.fast.TrainStep (torch.compile fullgraph, bf16 autocast over fp32 weights, fused AdamW on CUDA,
+    foreach EMA, fused kernels on CUDA) and eqm.graph_sampler (static buffers, compiled step, CUDA graph).
+    On CPU: compile + static buffers, bf16 when this CPU's bf16 matmul beats fp32 (measured at start),
+    kernels off (they would run the Triton interpreter or an opaque reference op).
+
+FLOPs are counted analytically from the config (eqm.fast.forward_flops_per_image: matmuls and attention
+scores; training = 3x forward, sampling = (steps - 1) evaluations, doubled with CFG); utilisation is
+achieved FLOP/s over a matmul peak measured here, in the dtype the path computes in.
+Timings exclude warm-up (compilation, CUDA graph capture).
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,  # noqa: E402
+                      set_precision, train_flops_per_image)
+from eqm.graph_sampler import GraphSampler  # noqa: E402
+from eqm.models import EqM_models  # noqa: E402
+from eqm.objective import eqm_training_losses  # noqa: E402
+from eqm.samplers import sample  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device, dtype, n=None, reps=None):
+    """Measured dense matmul TFLOP/s of an n x n x n product in `dtype` (fp32 uses TF32 on CUDA)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    reps = reps or (20 if device.type == "cuda" else 8)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * n ** 3 / best / 1e12
+
+
+class PeakMemory:
+    """Peak memory of a phase: torch.cuda.max_memory_allocated on CUDA, peak RSS (VmHWM, reset per phase) on CPU.
+
+    A path's footprint is its phase peak minus what was held before (baseline_gb): the paths live side by side.
+    """
+
+    def __init__(self, device):
+        self.device = device
+
+    def reset(self):
+        """Start a phase; self.baseline_gb is what was already held (other paths' state)."""
+        self.baseline_gb = self.current_gb()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+
+    def current_gb(self):
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 1e9
+        try:
+            with open("/proc/self/status") as f:
+                return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) * 1024 / 1e9
+        except (OSError, StopIteration):
+            return 0.0
+
+    def gb(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        try:
+            with open("/proc/self/status") as f:
+                line = next(l for l in f if l.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024 / 1e9
+        except (OSError, StopIteration):
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def timed(fn, iters, device, desc):
+    """Seconds of each of `iters` calls of fn() (after the caller's warm-up)."""
+    times = []
+    for _ in tqdm(range(iters), desc=desc, leave=False):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def on_oom_halve(build, batch, what):
+    """build(b) at batch b, halving b on CUDA out-of-memory; returns (result, b used)."""
+    while True:
+        try:
+            return build(batch), batch
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            torch.cuda.empty_cache()
+            batch //= 2
+            tqdm.write(f"{what}: out of memory, retrying with batch {batch}")
+
+
+#################################################################################
+#                                   The paths                                   #
+#################################################################################
+
+def reference_train_step(model, opt, ema, decay=0.9999):
+    """The published training step: eager loss, backward, AdamW, per-parameter EMA."""
+    ema_params = dict(ema.named_parameters())
+    params = list(model.named_parameters())
+
+    def step(x1, y):
+        loss = eqm_training_losses(model, x1, dict(y=y))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for name, p in params:
+                ema_params[name].mul_(decay).add_(p.data, alpha=1 - decay)
+        return loss.detach()
+    return step
+
+
+class Path:
+    """One way of running EqM (reference, fast, or a step in between) on its own copy of the model.
+
+    Building it compiles and captures everything (warm-up), so the timing calls measure steady state.
+    kind "reference": eager fp32/TF32 as published; "fast": TrainStep + GraphSampler with these pieces.
+    """
+
+    def __init__(self, name, base_model, args, device, kind, precision="fp32", compile=False, fused=False,
+                 cuda_graph=False, cfg=True):
+        self.name, self.args, self.device, self.kind = name, args, device, kind
+        self.train_times, self.sample_times = [], {False: [], True: []}
+        self.precision = precision
+        mem = PeakMemory(device)
+        mem.reset()
+        m = self.model = copy.deepcopy(base_model).eval()  # eval throughout: the train step passes train=True
+        m.fused = fused
+        shape = (m.in_channels, m.input_size, m.input_size)
+
+        def build_train(b):
+            x1, y = torch.randn(b, *shape, device=device), torch.randint(0, m.num_classes, (b,), device=device)
+            if kind == "reference":
+                ema = copy.deepcopy(m).requires_grad_(False)
+                step = reference_train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0), ema)
+            else:
+                step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), precision=precision, compile=compile)
+            for _ in tqdm(range(args.warmup), desc=f"{name}: train warm-up", leave=False):
+                self._set_precision()
+                step(x1, y)
+            sync(device)
+            return lambda: step(x1, y)
+        self.train_fn, self.train_batch = on_oom_halve(build_train, args.batch_size, f"{name} training")
+
+        def build_sample(b, use_cfg):
+            kw = dict(sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=args.cfg_scale if use_cfg else 1.0)
+            x, y = torch.randn(b, *shape, device=device), torch.randint(0, m.num_classes, (b,), device=device)
+            if kind == "reference":
+                fn = lambda: sample(m, x, y, steps=args.sample_steps, **kw)  # noqa: E731
+                self._set_precision()
+                sample(m, x, y, steps=2, **kw)
+            else:
+                sampler = GraphSampler(m, x.shape, device, precision=precision, compile=compile,
+                                       cuda_graph=cuda_graph, block=args.graph_block, **kw)
+                self._set_precision()
+                sampler.prepare(args.sample_steps)  # compile; on CUDA capture the graphs
+                sampler.run(x, y, steps=2)
+                fn = lambda: sampler.run(x, y, steps=args.sample_steps)  # noqa: E731
+            sync(device)
+            return fn
+        self.sample_fn, self.sample_batch = {}, None
+        for use_cfg in ((False, True) if cfg else (False,)):
+            self.sample_fn[use_cfg], self.sample_batch = on_oom_halve(
+                lambda b: build_sample(b, use_cfg), self.sample_batch or args.sample_batch_size, f"{name} sampling")
+        self.peak_mem_gb = mem.gb() - mem.baseline_gb
+
+    def _set_precision(self):
+        set_precision("tf32" if self.kind == "reference" else self.precision, self.device)
+
+    def time_round(self):
+        """Time args.train_iters training steps and one sampling run per setting."""
+        self._set_precision()
+        self.train_times += timed(self.train_fn, self.args.train_iters, self.device, f"{self.name}: train")
+        for use_cfg, fn in self.sample_fn.items():
+            self.sample_times[use_cfg] += timed(fn, 1, self.device, f"{self.name}: sample{' cfg' if use_cfg else ''}")
+
+    def results(self):
+        """img/s: training from the median step time, sampling from the best run."""
+        out = {"train_img_s": self.train_batch / statistics.median(self.train_times)}
+        for use_cfg, key in ((False, "sample_img_s"), (True, "sample_cfg_img_s")):
+            if self.sample_times[use_cfg]:
+                out[key] = self.sample_batch / min(self.sample_times[use_cfg])
+        return out
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="EqM-Ti/2", choices=list(EqM_models))
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels; the model sees image_size/8 latents (default 256 on CUDA, 128 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default 256 CUDA, 16 CPU)")
+    p.add_argument("--sample-batch-size", type=int, default=None, help="default: --batch-size (CPU: 8)")
+    p.add_argument("--sample-steps", type=int, default=None, help="NAG-GD steps (default 250 CUDA, 30 CPU)")
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--train-iters", type=int, default=None,
+                   help="timed training steps per round (default 20 CUDA, 4 CPU); the median counts")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (compilation)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timing rounds, paths in alternating order (default 1 CUDA, 2 CPU); sampling: best run")
+    p.add_argument("--graph-block", type=int, default=10, help="sampling steps per captured CUDA graph")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="fast path: auto = bf16 on CUDA; on CPU bf16 if its measured matmul peak beats fp32")
+    p.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fast path kernels (auto: CUDA)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also measure the pieces one at a time (+compile, +bf16, +fused; the CUDA graph is the "
+                        "rest): more compiles")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def resolve(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    args.image_size = args.image_size or (256 if gpu else 128)
+    args.batch_size = args.batch_size or (256 if gpu else 16)
+    args.sample_batch_size = args.sample_batch_size or (args.batch_size if gpu else 8)
+    args.sample_steps = args.sample_steps or (250 if gpu else 30)
+    args.train_iters = args.train_iters or (20 if gpu else 4)
+    args.rounds = args.rounds or (1 if gpu else 2)
+    if args.image_size % 8:
+        raise SystemExit(f"--image-size must be a multiple of 8 (the VAE factor), got {args.image_size}")
+    if args.sample_steps < 2:
+        raise SystemExit("--sample-steps must be >= 2 (steps - 1 updates)")
+    return device
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    device = resolve(args)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        print("note: TRITON_INTERPRET=1 is set; fused kernels would run in the interpreter (slow)")
+    torch.manual_seed(args.seed)
+    gpu = device.type == "cuda"
+    dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
+
+    print(f"measuring matmul peaks on {dev_name} ...")
+    set_precision("tf32", device)
+    peaks = {"fp32": matmul_peak_tflops(device, torch.float32), "bf16": matmul_peak_tflops(device, torch.bfloat16)}
+    if args.precision == "auto":
+        precision = "bf16" if gpu or peaks["bf16"] > 1.2 * peaks["fp32"] else "fp32"
+    else:
+        precision = args.precision
+    fused = gpu if args.fused == "auto" else args.fused == "on"
+    pieces = {"compile": True, "precision": precision, "fused_kernels": fused, "cuda_graph": gpu,
+              "static_buffers": True, "optimizer": "fused AdamW" if gpu else "foreach AdamW", "ema": "foreach lerp"}
+
+    latent = args.image_size // 8
+    model = EqM_models[args.model](input_size=latent, num_classes=1000).to(device)
+    fwd = forward_flops_per_image(model)
+    train_flops = train_flops_per_image(model)
+    s_flops = sample_flops_per_image(model, args.sample_steps)
+    s_flops_cfg = sample_flops_per_image(model, args.sample_steps, cfg=True)
+    print(f"{args.model} at {args.image_size}px ({latent}x{latent} latents, {model.num_patches} tokens): "
+          f"{model.num_params / 1e6:.1f}M params, {fwd / 1e9:.2f} GFLOP forward per image")
+    print(f"train batch {args.batch_size}, sample batch {args.sample_batch_size}, NAG-GD {args.sample_steps} steps "
+          f"(cfg {args.cfg_scale}); peak matmul fp32{'/TF32' if gpu else ''} {peaks['fp32']:.2f}, "
+          f"bf16 {peaks['bf16']:.2f} TFLOP/s")
+    print("fast path pieces: " + ", ".join(f"{k}={v}" for k, v in pieces.items()))
+
+    paths = [("reference", dict(kind="reference")),
+             ("fast", dict(kind="fast", precision=precision, compile=True, fused=fused, cuda_graph=gpu))]
+    if args.breakdown:  # the pieces one at a time, between the two (uncond sampling only)
+        on = dict(kind="fast", precision="fp32", compile=True, fused=False, cuda_graph=False, cfg=False)
+        steps = [("+compile (fp32)", dict(on))]
+        if precision == "bf16":
+            on["precision"] = "bf16"
+            steps.append(("+compile +bf16", dict(on)))
+        if fused:
+            on["fused"] = True
+            steps.append(("+compile +bf16 +fused", dict(on)))
+        paths[1:1] = steps
+    built = [Path(name, model, args, device, **kw) for name, kw in tqdm(paths, desc="compile + warm-up")]
+    del model
+    # Rounds in alternating order (ABBA): a shared machine slows whatever runs at that moment, not one path.
+    for r in tqdm(range(args.rounds), desc="timing rounds"):
+        for path in (built if r % 2 == 0 else built[::-1]):
+            path.time_round()
+
+    results = {}
+    for path in built:
+        res = path.results()
+        tflops = res["train_img_s"] * train_flops / 1e12
+        peak = peaks[path.precision]
+        res.update(tflops=tflops, mfu=tflops / peak, peak_tflops=peak, peak_mem_gb=path.peak_mem_gb,
+                   train_batch=path.train_batch, sample_batch=path.sample_batch)
+        res["sample_tflops"] = res["sample_img_s"] * s_flops / 1e12
+        res["sample_mfu"] = res["sample_tflops"] / peak
+        if "sample_cfg_img_s" in res:
+            res["sample_cfg_tflops"] = res["sample_cfg_img_s"] * s_flops_cfg / 1e12
+        results[path.name] = res
+    breakdown = None
+    if args.breakdown:
+        breakdown = [{"step": name, "train_img_s": results[name]["train_img_s"],
+                      "sample_img_s": results[name]["sample_img_s"]} for name, _ in paths]
+        if gpu:
+            breakdown[-1]["step"] = "fast (+CUDA graph for sampling)"
+    speedup = {k: results["fast"][k] / results["reference"][k]
+               for k in ("train_img_s", "sample_img_s", "sample_cfg_img_s")}
+    print_table(args, dev_name, results, speedup, breakdown)
+    out = {"device": dev_name, "model": args.model, "batch_size": args.batch_size,
+           "image_size": args.image_size, "sample_batch_size": args.sample_batch_size,
+           "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale, "sampler": "ngd", "rounds": args.rounds,
+           "reference": results["reference"], "fast": results["fast"], "fast_pieces": pieces,
+           "flops_per_image": {"forward": fwd, "train": train_flops, "sample": s_flops, "sample_cfg": s_flops_cfg},
+           "peak_matmul_tflops": peaks, "speedup": speedup, "breakdown": breakdown,
+           "torch": torch.__version__}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {args.json}")
+    return out
+
+
+def print_table(args, dev_name, results, speedup, breakdown):
+    ref, fast = results["reference"], results["fast"]
+    print(f"\n{args.model} @ {args.image_size}px on {dev_name}: train batch {args.batch_size}, "
+          f"sample batch {args.sample_batch_size}, NAG-GD {args.sample_steps} steps, cfg {args.cfg_scale}")
+    head = f"{'path':<10} {'train img/s':>12} {'sample img/s':>13} {'cfg img/s':>10} {'train TFLOP/s':>14} " \
+           f"{'MFU':>6} {'sample MFU':>11} {'peak mem GB':>12}"
+    print(head)
+    print("-" * len(head))
+    for name, r in (("reference", ref), ("fast", fast)):
+        print(f"{name:<10} {r['train_img_s']:>12.2f} {r['sample_img_s']:>13.3f} {r['sample_cfg_img_s']:>10.3f} "
+              f"{r['tflops']:>14.3f} {r['mfu']:>6.1%} {r['sample_mfu']:>11.1%} {r['peak_mem_gb']:>12.2f}")
+    print(f"{'speedup':<10} {speedup['train_img_s']:>11.2f}x {speedup['sample_img_s']:>12.2f}x "
+          f"{speedup['sample_cfg_img_s']:>9.2f}x")
+    print(f"MFU: achieved over the measured matmul peak of the path's dtype "
+          f"(reference fp32 {ref['peak_tflops']:.2f}, fast {fast['peak_tflops']:.2f} TFLOP/s)")
+    if breakdown:
+        print(f"\n{'contribution':<34} {'train img/s':>12} {'sample img/s':>13}")
+        for row in breakdown:
+            print(f"{row['step']:<34} {row['train_img_s']:>12.2f} {row['sample_img_s']:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
