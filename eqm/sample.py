@@ -175,7 +175,8 @@ def run(args, ckpt, dist_info):
     bs = args.per_proc_batch_size or max(1, args.global_batch_size // world)
     labels = sample_labels(n, args.num_classes, args.global_seed)
     mine = list(range(rank, n, world))  # this rank's share: disjoint, interleaved like the published code
-    cfg_channels = "all" if args.cfg_channels == "all" else 3
+    # the published rule guides channels 0..2 (x[:, :3]), which on a 1-channel model is every channel
+    cfg_channels = "all" if args.cfg_channels == "all" else min(3, args.in_channels)
     shape = (args.in_channels, args.input_size, args.input_size)
     if rank == 0:
         os.makedirs(args.folder, exist_ok=True)

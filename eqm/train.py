@@ -183,7 +183,8 @@ def sample_grid(ema, vae, args, num_classes, device, path):
     from eqm.samplers import sample
 
     x, y, nrow = grid_inputs(args, num_classes, device)
-    out = sample(ema, x, y, sampler="gd", steps=args.sample_steps, stepsize=GRID_STEPSIZE, cfg_scale=args.cfg_scale)
+    out = sample(ema, x, y, sampler="gd", steps=args.sample_steps, stepsize=GRID_STEPSIZE, cfg_scale=args.cfg_scale,
+                 cfg_channels=min(3, args.in_channels))  # the published x[:, :3] rule
     out = out[0] if isinstance(out, tuple) else out
     if vae is not None:
         out = torch.cat([vae_lib.decode(vae, z) for z in out.split(16)])

@@ -18,7 +18,7 @@ def to_uint8(x):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def make_grid(images, nrow=None, pad=1, min_tile=48):
+def make_grid(images, nrow=None, pad=2, min_tile=48):
     """Tile (N, H, W, 3) uint8 images into one uint8 array; tiny tiles are upscaled (nearest) for viewing."""
     n, h, w, _ = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))

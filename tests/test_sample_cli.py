@@ -58,6 +58,11 @@ def test_sample_options(digits_ckpt, tmp_path):
     ngd = run_sample(digits_ckpt, tmp_path / "b", "--num-fid-samples", 4, "--sampler", "ngd", "--mu", 0.3,
                      "--stepsize", 0.05, "--cfg-scale", 2.0, "--cfg-channels", "all")
     assert np.load(ngd["npz"])["arr_0"].shape == base.shape
+    # guidance on a 1-channel model with the default rule "3" (= channels 0..2 = every channel here)
+    big = ["--num-fid-samples", 4, "--stepsize", 1.0]
+    plain, cfg = (np.load(run_sample(digits_ckpt, tmp_path / f"d{s}", *big, "--cfg-scale", s)["npz"])["arr_0"]
+                  for s in (1.0, 1000.0))  # a 3-step model barely uses its labels: a large scale
+    assert np.abs(plain.astype(int) - cfg.astype(int)).max() > 0
     stop = run_sample(digits_ckpt, tmp_path / "c", "--num-fid-samples", 4, "--stop-grad-norm", 1e9)
     assert stop["nfe_per_sample"] == 1  # every sample stops after its first field evaluation
 

@@ -30,7 +30,7 @@ def run_train(tmp_path, *extra, results="res"):
 
 def test_train_end_to_end(tmp_path):
     s = run_train(tmp_path, "--global-batch-size", 16, "--max-steps", 6, "--log-every", 2, "--ckpt-every", 3,
-                  "--sample-every", 3, "--sample-steps", 3)
+                  "--sample-every", 3, "--sample-steps", 3, "--cfg-scale", 2.0)
     assert s["steps"] == 6 and [e["step"] for e in s["log"]] == [2, 4, 6]
     assert all(np.isfinite(e["loss"]) and e["steps_per_sec"] > 0 for e in s["log"])
     exp = s["experiment_dir"]
