@@ -88,13 +88,15 @@ class EMA:
 class EqMLoss(torch.nn.Module):
     """Mean EqM loss of a batch for given noise and times: the module that gets compiled (and DDP-wrapped)."""
 
-    def __init__(self, model, a=0.8, lam=4.0, precision="bf16"):
+    def __init__(self, model, a=0.8, lam=4.0, precision="bf16", model_kwargs=None):
         super().__init__()
         self.model, self.a, self.lam, self.precision = model, a, lam, precision
+        self.model_kwargs = dict(model_kwargs or {})
 
     def forward(self, x1, y, noise, t):
         with autocast(x1.device, self.precision):
-            terms = eqm_training_losses(self.model, x1, dict(y=y), a=self.a, lam=self.lam, noise=noise, t=t)
+            terms = eqm_training_losses(self.model, x1, dict(y=y, **self.model_kwargs), a=self.a, lam=self.lam,
+                                        noise=noise, t=t)
         return terms["loss"].float().mean()
 
 
@@ -110,10 +112,11 @@ class TrainStep:
     ddp: wrap the compiled loss in DistributedDataParallel (gradients all-reduced in backward);
         DDP must sit outside the compiled region, since dynamo cannot trace DDP.forward with fullgraph.
     a, lam: the objective's c(t) parameters; grad_clip: max grad norm or None.
+    model_kwargs: extra model keywords, e.g. dict(return_act=True) for the dispersive loss (--disp).
     """
 
     def __init__(self, model, opt, *, ema=None, ema_decay=0.9999, precision="bf16", compile=True,
-                 backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None):
+                 backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None, model_kwargs=None):
         if isinstance(model, DDP):
             raise ValueError("pass the bare model to TrainStep and ddp=True: it wraps the compiled loss in DDP itself")
         self.model, self.opt, self.ema, self.ema_decay = model, opt, ema, ema_decay
@@ -122,7 +125,7 @@ class TrainStep:
         if fused is not None:
             model.fused = bool(fused)
         set_precision(precision, self.device)
-        loss = EqMLoss(model, a, lam, precision)
+        loss = EqMLoss(model, a, lam, precision, model_kwargs)
         if compile:
             loss = compile_fn(loss, backend)
         if ddp:

@@ -38,14 +38,15 @@ def assert_same_params(a, b, **tol):
         torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}", **tol)
 
 
-@pytest.mark.parametrize("ebm", ["none", "dot"])
-def test_compiled_step_fullgraph_matches_eager(ebm):
+@pytest.mark.parametrize("ebm,disp", [("none", False), ("dot", False), ("none", True)])
+def test_compiled_step_fullgraph_matches_eager(ebm, disp):
     model = randomize_(tiny_eqm(depth=1, ebm=ebm), std=0.1)
     ref_model = copy.deepcopy(model)
+    kw = dict(model_kwargs=dict(return_act=True)) if disp else {}  # --disp: dispersive loss on the activations
     fast = TrainStep(model, make_optimizer(model, lr=1e-3), ema=EMA(model), ema_decay=0.5, precision="fp32",
-                     backend="aot_eager")
+                     backend="aot_eager", **kw)
     ref = TrainStep(ref_model, make_optimizer(ref_model, lr=1e-3), ema=EMA(ref_model), ema_decay=0.5,
-                    precision="fp32", compile=False)
+                    precision="fp32", compile=False, **kw)
     start = copy.deepcopy(model)
     losses, ref_losses = run_steps(fast), run_steps(ref)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)

@@ -92,3 +92,30 @@ def test_cuda_graph_code_is_guarded_on_cpu(model, inputs, monkeypatch):
     torch.testing.assert_close(out, sample(model, x, y, steps=3))
     with pytest.raises(ValueError, match="built for shape"):
         s.run(x[:2], y[:2], steps=3)
+
+
+def test_block_replay_bookkeeping_matches_plain_loop(model, inputs, monkeypatch):
+    """CUDA graphs cannot run here: a stand-in 'graph' replays its k steps eagerly, which tests the block /
+    remainder split, capture-once and the per-block early exit of the CUDA path."""
+    x, y = inputs
+    thr = median_threshold(model, x, y)
+    s = GraphSampler(model, x.shape, "cpu", sampler="ngd", stepsize=0.05, stop_grad_norm=thr, compile=False, block=4)
+    s.cuda_graph = True
+    captured = []
+
+    class StandIn:
+        def __init__(self, k):
+            self.k = k
+            captured.append(k)
+
+        def replay(self):
+            s._steps(self.k)
+    monkeypatch.setattr(s, "_capture", StandIn)
+    s.prepare(12)  # 11 updates: blocks of 4, then 3
+    assert sorted(captured) == [3, 4]
+    out, stats = s.run(x, y, steps=12)
+    ref, ref_stats = sample(model, x, y, sampler="ngd", steps=12, stepsize=0.05, stop_grad_norm=thr, return_stats=True)
+    assert sorted(captured) == [3, 4], "run() captured again"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats["nfe"], ref_stats["nfe"])
+    assert stats["evaluated_steps"] % 4 == 0 or stats["evaluated_steps"] == 11
