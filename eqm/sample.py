@@ -21,9 +21,9 @@ from eqm.train import EBM_CHOICES, add_transport_args, str2bool
 from eqm.utils import create_logger, save_image_grid, to_uint8
 
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
-                          num_fid_samples=50_000, cfg_scale=4.0)
+                          num_fid_samples=50_000, cfg_scale=4.0, stepsize=0.0017)
 DIGITS_DEFAULTS = dict(model="EqM-Ti/2", image_size=8, num_classes=10, vae="none", ebm="none",
-                       num_fid_samples=1000, cfg_scale=1.0)
+                       num_fid_samples=1000, cfg_scale=2.0, stepsize=0.01)  # sharpest digits at 250 GD steps
 FROM_CHECKPOINT = ("model", "image_size", "num_classes", "vae", "ebm", "uncond", "data_path", "in_channels")
 
 
@@ -37,9 +37,9 @@ def get_parser():
     g.add_argument("--global-batch-size", type=int, default=256, help="samples per step over all processes")
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--vae", type=str, default=None, help="[ema] ema | mse | none (pixel space) | local folder")
-    g.add_argument("--cfg-scale", type=float, default=None, help="[4.0]; digits: 1.0")
+    g.add_argument("--cfg-scale", type=float, default=None, help="[4.0]; digits: 2.0")
     g.add_argument("--ckpt", type=str, default=None, help="checkpoint (EMA weights preferred)")
-    g.add_argument("--stepsize", type=float, default=0.0017, help="step size eta")
+    g.add_argument("--stepsize", type=float, default=None, help="[0.0017] step size eta; digits: 0.01")
     g.add_argument("--num-sampling-steps", type=int, default=250, help="steps; steps - 1 updates are made")
     g.add_argument("--folder", "--sample-dir", dest="folder", type=str, default="samples")
     g.add_argument("--sampler", type=str, default="gd", choices=["gd", "ngd"])

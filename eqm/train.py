@@ -25,12 +25,12 @@ EBM_CHOICES = ["none", "l2", "dot", "mean"]
 
 # Defaults of the published train.py (ImageNet, latent space) and of the built-in digits run.
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, global_batch_size=256, vae="ema",
-                          lr=1e-4, ema_decay=0.9999, ckpt_every=50_000, sample_every=10_000, cfg_scale=4.0)
+                          lr=1e-4, ema_decay=0.9999, ckpt_every=50_000, sample_every=10_000, cfg_scale=4.0,
+                          sample_stepsize=0.003)  # grids: GD with the published EqM-B/2 step size
 DIGITS_DEFAULTS = dict(model="EqM-Ti/2", image_size=8, num_classes=10, global_batch_size=64, vae="none",
                        lr=1e-3,  # a 6-layer model on 1797 images learns fast; 1e-4 needs ~10x the steps
                        ema_decay=0.995,  # 0.9999 averages over 10k steps: longer than a whole CPU run
-                       ckpt_every=1000, sample_every=1000, cfg_scale=1.0)
-GRID_STEPSIZE = 0.003  # sample grids during training use GD with the published EqM-B/2 step size
+                       ckpt_every=1000, sample_every=1000, cfg_scale=2.0, sample_stepsize=0.01)
 
 
 def str2bool(v):
@@ -74,7 +74,7 @@ def get_parser():
     g.add_argument("--num-workers", type=int, default=4)
     g.add_argument("--log-every", type=int, default=100)
     g.add_argument("--ckpt-every", type=int, default=None, help="[50000]; digits: 1000")
-    g.add_argument("--cfg-scale", type=float, default=None, help="[4.0] for sample grids; digits: 1.0")
+    g.add_argument("--cfg-scale", type=float, default=None, help="[4.0] for sample grids; digits: 2.0")
     g.add_argument("--wandb", action="store_true")
     g.add_argument("--ckpt", type=str, default=None, help="checkpoint to resume from (or initialise with)")
     g.add_argument("--disp", action="store_true", help="add the Dispersive Loss")
@@ -92,7 +92,9 @@ def get_parser():
                    help="route the hot path through kernels/ (default: on with CUDA)")
     g.add_argument("--sample-every", type=int, default=None,
                    help="[10000] save an EMA sample grid PNG every N steps and at the end; 0 = off; digits: 1000")
-    g.add_argument("--sample-steps", type=int, default=250, help="GD steps for those grids (stepsize 0.003)")
+    g.add_argument("--sample-steps", type=int, default=250, help="GD steps for those grids")
+    g.add_argument("--sample-stepsize", type=float, default=None, help="[0.003] GD step size for those grids; "
+                   "digits: 0.01")
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
     return p
 
@@ -183,8 +185,8 @@ def sample_grid(ema, vae, args, num_classes, device, path):
     from eqm.samplers import sample
 
     x, y, nrow = grid_inputs(args, num_classes, device)
-    out = sample(ema, x, y, sampler="gd", steps=args.sample_steps, stepsize=GRID_STEPSIZE, cfg_scale=args.cfg_scale,
-                 cfg_channels=min(3, args.in_channels))  # the published x[:, :3] rule
+    out = sample(ema, x, y, sampler="gd", steps=args.sample_steps, stepsize=args.sample_stepsize,
+                 cfg_scale=args.cfg_scale, cfg_channels=min(3, args.in_channels))  # the published x[:, :3] rule
     out = out[0] if isinstance(out, tuple) else out
     if vae is not None:
         out = torch.cat([vae_lib.decode(vae, z) for z in out.split(16)])
@@ -376,9 +378,10 @@ def train(args, dist_info):
             epoch, batch = epoch + 1, 0
     pbar.close()
 
-    if step > start_step and (last_ckpt is None or not last_ckpt.endswith(f"{step:07d}.pt")):
+    trained = step > start_step
+    if trained and step % args.ckpt_every:  # the final state, unless the loop just saved it
         last_ckpt = save(step, epoch, batch)
-    if rank == 0 and args.sample_every and step > start_step and (last_grid is None or not last_grid.endswith(f"{step:07d}.png")):
+    if rank == 0 and trained and args.sample_every and step % args.sample_every:
         last_grid = sample_grid(ema, vae, args, loader.num_classes, device,
                                 os.path.join(exp_dir, "samples", f"{step:07d}.png"))
     distributed.barrier()
@@ -389,7 +392,8 @@ def train(args, dist_info):
         logger.info(
             f"Done: {step - start_step} steps this run (now at step {step}) in {seconds:.1f} s "
             f"({(step - start_step) / max(seconds, 1e-9):.2f} steps/s), final loss {avg_loss:.4f}.\n"
-            f"  checkpoint:  {last_ckpt}\n  sample grid: {last_grid}\n  log:         {os.path.join(exp_dir, 'log.txt')}")
+            f"  checkpoint:  {last_ckpt}\n  sample grid: {last_grid}\n"
+            f"  log:         {os.path.join(exp_dir, 'log.txt')}")
     return summary
 
 

@@ -46,7 +46,7 @@ def test_sample_npz_pngs_grid(digits_ckpt, tmp_path):
     grid = np.asarray(Image.open(s["grid"]))
     assert grid.shape[2] == 3 and grid.std() > 1
     assert arr.std() > 1  # not a constant image
-    # sample i depends only on the seed and i: another batch size (and cfg 1 = no guidance) gives the same npz
+    # sample i depends only on the seed and i: another batch size gives the same npz
     s2 = run_sample(digits_ckpt, tmp_path / "s2", "--num-fid-samples", 13, "--global-batch-size", 13)
     d2 = np.load(s2["npz"])
     np.testing.assert_array_equal(d2["arr_0"], arr)
