@@ -17,7 +17,7 @@ from tqdm import tqdm
 from eqm import distributed, vae as vae_lib
 from eqm.models import EqM_models
 from eqm.samplers import sample
-from eqm.train import EBM_CHOICES, add_transport_args, str2bool
+from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, str2bool
 from eqm.utils import create_logger, save_image_grid, to_uint8
 
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
@@ -29,7 +29,7 @@ FROM_CHECKPOINT = ("model", "image_size", "num_classes", "vae", "ebm", "uncond",
 
 def get_parser():
     p = argparse.ArgumentParser(prog="eqm-sample", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("published flags (unset model options come from the checkpoint's args)")
     g.add_argument("--model", type=str, default=None, help="[EqM-XL/2]")
     g.add_argument("--image-size", type=int, default=None, help="[256]")

@@ -54,13 +54,20 @@ def add_transport_args(parser):
     g.add_argument("--train-eps", type=float)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" except for options whose default is resolved later (None)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def none_or_str(v):
     return None if v == "None" else v
 
 
 def get_parser():
     p = argparse.ArgumentParser(prog="eqm-train", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("published flags (defaults in brackets are the ImageNet ones; digits -> small run)")
     g.add_argument("--data-path", type=str, required=True, help="ImageFolder root, or 'digits' (built in)")
     g.add_argument("--results-dir", type=str, default="results")
