@@ -1,20 +1,19 @@
-"""Steps/s of the eqm.train step (EqM loss, AdamW, EMA update) on random data, eager, as the CLI runs it.
+"""Steps/s of the eqm.train step (EqM loss, AdamW, EMA update) on random data, as the CLI runs it.
 
     python bench/train_step.py                                   # EqM-S/2, batch 8, 32x32x4, this CPU
     python bench/train_step.py --model EqM-Ti/2 --batch-size 64 --input-size 8 --channels 1 --threads 1
+    python bench/train_step.py --compile --precision bf16          # the CLI's default on CUDA
 """
 import argparse
 import os
 import sys
 import time
-from copy import deepcopy
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eqm.models import EqM_models  # noqa: E402
-from eqm.objective import eqm_training_losses  # noqa: E402
-from eqm.utils import update_ema  # noqa: E402
+from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
 
 
 def main(argv=None):
@@ -27,7 +26,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the forward + loss, as eqm-train --compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.threads:
@@ -36,20 +37,14 @@ def main(argv=None):
     torch.manual_seed(0)
     model = EqM_models[args.model](input_size=args.input_size, in_channels=args.channels,
                                    num_classes=args.num_classes).to(device).train()
-    ema = deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    opt = make_optimizer(model, lr=1e-4)
+    step_fn = TrainStep(model, opt, ema=EMA(model), ema_decay=0.9999, precision=args.precision,
+                        compile=args.compile)
     x = torch.randn(args.batch_size, args.channels, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step():
-        with autocast:
-            loss = eqm_training_losses(model, x, dict(y=y), train=True)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, model, 0.9999)
-        return loss
+        return step_fn(x, y)
 
     for _ in range(args.warmup):
         step()
@@ -61,8 +56,9 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / args.steps
+    mode = args.precision + (" compiled" if args.compile else "")
     print(f"{args.model} batch {args.batch_size} input {args.input_size}x{args.input_size}x{args.channels} "
-          f"{args.precision} on {device} ({torch.get_num_threads()} threads): {1 / dt:.3f} steps/s, "
+          f"{mode} on {device} ({torch.get_num_threads()} threads): {1 / dt:.3f} steps/s, "
           f"{args.batch_size / dt:.1f} img/s, {dt * 1e3:.0f} ms/step")
     return 1 / dt
 

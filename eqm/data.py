@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eqm.latents import is_latent_dir
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 BUILTIN = ("digits",)
 
@@ -174,11 +176,22 @@ def build_loader(args, rank=0, world_size=1, seed=0):
         x, y = load_digits_tensor(args.image_size)
         sampler = DistributedIndexSampler(len(x), local_bs, rank, world_size, seed, shuffle=True, flip=False)
         loader = TensorLoader(x, y, sampler, num_classes=10)
+    elif is_latent_dir(args.data_path):  # written by `python -m eqm.extract_latents`: no VAE in the loop
+        from eqm.latents import build_latent_loader
+
+        loader, sampler = build_latent_loader(args.data_path, local_bs, rank, world_size, seed, flip=True,
+                                              image_size=args.image_size, num_classes=args.num_classes)
     else:
         dataset = ImageFolder(args.data_path, args.image_size)
         if len(dataset.classes) > args.num_classes:
             raise ValueError(f"{args.data_path!r} has {len(dataset.classes)} class folders but --num-classes is "
                              f"{args.num_classes}; raise --num-classes")
+        if getattr(args, "dali", False):
+            from eqm.dali import build_dali_loader
+
+            device = "cuda" if torch.cuda.is_available() and getattr(args, "device", None) != "cpu" else "cpu"
+            return build_dali_loader(args.data_path, args.image_size, local_bs, rank, world_size, seed, device=device,
+                                     num_classes=args.num_classes, samples=dataset.samples)
         sampler = DistributedIndexSampler(len(dataset), local_bs, rank, world_size, seed, shuffle=True, flip=True)
         loader = FolderLoader(dataset, sampler, args.num_workers, torch.cuda.is_available(), args.num_classes)
     return loader, sampler

@@ -1,7 +1,7 @@
 """Train EqM: `python -m eqm.train` (or `eqm-train`, or under `torchrun`).
 
 Accepts every flag of the published EqM train.py with the same defaults, plus --max-steps, --lr,
---ema-decay, --precision, --grad-clip, --fused, --sample-every. `--data-path digits` trains a small
+--ema-decay, --precision, --grad-clip, --fused, --compile, --dali, --sample-every. `--data-path digits` trains a small
 pixel-space model on scikit-learn's 8x8 digits so the whole loop runs on a laptop CPU.
 """
 import argparse
@@ -13,13 +13,12 @@ import time
 from copy import deepcopy
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from eqm import data, distributed, vae as vae_lib
 from eqm.models import EqM_models
-from eqm.objective import eqm_training_losses
-from eqm.utils import create_logger, format_config, requires_grad, save_image_grid, update_ema
+from eqm.fast import EMA, TrainStep, make_optimizer
+from eqm.utils import create_logger, format_config, requires_grad, save_image_grid
 
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
 
@@ -102,6 +101,10 @@ def get_parser():
     g.add_argument("--sample-steps", type=int, default=250, help="GD steps for those grids")
     g.add_argument("--sample-stepsize", type=float, default=None, help="[0.003] GD step size for those grids; "
                    "digits: 0.01")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the forward + loss (fullgraph); default: on with CUDA")
+    g.add_argument("--dali", action="store_true", help="decode, crop and flip ImageFolder JPEGs with NVIDIA DALI "
+                   "(GPU decoding on CUDA). --data-path may also be a latent folder from eqm-extract-latents")
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
     return p
 
@@ -112,8 +115,11 @@ def resolve_args(args, parser):
     for k, v in (DIGITS_DEFAULTS if digits else PUBLISHED_DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    on_cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.fused is None:
-        args.fused = torch.cuda.is_available() and args.device != "cpu"
+        args.fused = on_cuda
+    if args.compile is None:
+        args.compile = on_cuda
     if args.model not in EqM_models:
         parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
     patch = int(args.model.split("/")[-1])
@@ -276,8 +282,7 @@ def train(args, dist_info):
     model.fused = args.fused
     ema = deepcopy(model)
     requires_grad(ema, False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
-                            fused=True if device.type == "cuda" else None)
+    opt = make_optimizer(model, lr=args.lr)
     logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     step, epoch, batch = 0, 0, 0
@@ -298,7 +303,9 @@ def train(args, dist_info):
     for g_ in opt.param_groups:  # --lr wins over the lr stored in the optimizer state
         g_["lr"] = args.lr
 
-    ddp_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=args.ema_decay, precision=args.precision,
+                        compile=args.compile, ddp=world > 1, grad_clip=args.grad_clip or None,
+                        model_kwargs=dict(return_act=args.disp))
     model.train()  # enables label dropout for classifier-free guidance
     ema.eval()
 
@@ -312,8 +319,6 @@ def train(args, dist_info):
 
     bpe = sampler.batches_per_epoch
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * bpe
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    model_kwargs = dict(return_act=args.disp)
     log, last_ckpt, last_grid, avg_loss = [], None, None, float("nan")
     running, log_steps = torch.zeros((), device=device), 0
     t_start = t_log = time.time()
@@ -345,14 +350,7 @@ def train(args, dist_info):
             y = y.to(device, non_blocking=True)
             if vae is not None and not loader.latents:
                 x = vae_lib.encode(vae, x)
-            with autocast:
-                loss = eqm_training_losses(ddp_model, x, dict(y=y, **model_kwargs), train=True)["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            update_ema(ema, model, args.ema_decay)
+            loss = step_fn(x, y)
             step += 1
             batch += 1
             running += loss.detach()

@@ -40,14 +40,14 @@ def _worker(rank, world, port, out):
         loader.__class__ = Recording
         return loader, sampler
 
-    ema_update = train.update_ema
+    train_step = train.TrainStep
 
-    def recording_update_ema(ema, model, decay):
+    def recording_train_step(model, *a, **k):
         model_ref["model"] = model
-        return ema_update(ema, model, decay)
+        return train_step(model, *a, **k)
 
     data.build_loader = recording_build_loader
-    train.update_ema = recording_update_ema
+    train.TrainStep = recording_train_step
     summary = train.main(ARGS + ["--results-dir", os.path.join(out, "res")])
     torch.save({"seen": torch.cat(seen), "params": {k: v.detach().clone() for k, v in
                                                     model_ref["model"].state_dict().items()},

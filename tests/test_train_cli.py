@@ -110,6 +110,72 @@ def test_latent_training_with_local_vae(tmp_path):
     assert np.asarray(Image.open(s["sample_grid"])).shape[2] == 3
 
 
+def test_latent_folder_trains_without_encoding(tmp_path, monkeypatch):
+    from eqm import extract_latents, vae as vae_lib
+    from test_data import make_tiny_vae
+    from test_latents import make_image_folder
+
+    vae = make_tiny_vae(tmp_path / "vae")
+    images = make_image_folder(tmp_path / "imgs", per_class=3)
+    z = str(tmp_path / "z")
+    extract_latents.main(["--data-path", images, "--vae", vae, "--image-size", "32", "--out", z, "--flip-both",
+                          "--num-workers", "0", "--device", "cpu"])
+
+    def no_encoding(*a, **k):
+        raise AssertionError("a latent folder must not go through the VAE encoder")
+
+    monkeypatch.setattr(vae_lib, "encode", no_encoding)
+    s = train.main(["--data-path", z, "--vae", vae, "--image-size", "32", "--model", "EqM-Ti/2", "--num-classes", "2",
+                    "--global-batch-size", "2", "--max-steps", "4", "--log-every", "1", "--sample-every", "0",
+                    "--results-dir", str(tmp_path / "res")])
+    ck = load_checkpoint(s["checkpoint"])
+    assert ck["args"].in_channels == 4 and ck["model"]["x_embedder.proj.weight"].shape[1] == 4
+    assert ck["step"] == 4 and all(np.isfinite(e["loss"]) for e in s["log"])
+
+
+def test_dali_flag_matches_the_pil_loader(tmp_path, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    from eqm import dali
+    from test_latents import make_image_folder
+
+    images = make_image_folder(tmp_path / "imgs", per_class=4)
+    calls = []
+    build = dali.build_dali_loader
+    monkeypatch.setattr(dali, "build_dali_loader", lambda *a, **k: calls.append(a) or build(*a, **k))
+    common = ["--data-path", images, "--vae", "none", "--image-size", "16", "--model", "EqM-Ti/4", "--num-classes",
+              "2", "--global-batch-size", "4", "--max-steps", "1", "--log-every", "1", "--sample-every", "0",
+              "--num-workers", "0"]
+    pil = train.main(common + ["--results-dir", str(tmp_path / "pil")])
+    assert not calls
+    via_dali = train.main(common + ["--dali", "--results-dir", str(tmp_path / "dali")])
+    assert len(calls) == 1
+    # Same images, order, flips, noise and t; only DALI's resize differs (mean abs pixel diff ~0.015).
+    assert via_dali["final_loss"] == pytest.approx(pil["final_loss"], rel=0.03)
+
+
+def test_compile_flag_gives_the_eager_losses(tmp_path, monkeypatch):
+    from eqm import fast
+
+    compiled = []
+    compile_fn = fast.compile_fn
+
+    def aot_eager(fn, backend="inductor"):  # the same dynamo graph, without inductor's slow CPU codegen
+        compiled.append(fn)
+        return compile_fn(fn, "aot_eager")
+
+    monkeypatch.setattr(fast, "compile_fn", aot_eager)
+    common = ["--global-batch-size", 8, "--max-steps", 3, "--log-every", 1, "--sample-every", 0, "--lr", "3e-3"]
+    eager = run_train(tmp_path, *common, results="eager")
+    assert not compiled  # off by default on CPU
+    comp = run_train(tmp_path, *common, "--compile", results="compiled")
+    assert len(compiled) == 1
+    for step, loss in losses(eager).items():
+        assert losses(comp)[step] == pytest.approx(loss, rel=1e-5)
+    a, b = load_checkpoint(eager["checkpoint"]), load_checkpoint(comp["checkpoint"])
+    for k in a["ema"]:
+        torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data-path", "digits", "--model", "EqM-Q/2"], "unknown --model 'EqM-Q/2'; choose one of: EqM-XL/2"),
     (["--data-path", "digits", "--image-size", "9"], "input is 9x9"),
