@@ -15,6 +15,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from eqm import distributed, vae as vae_lib
+from eqm.fast import autocast
+from eqm.graph_sampler import sample_fast
 from eqm.models import EqM_models
 from eqm.samplers import sample
 from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, str2bool
@@ -56,6 +58,10 @@ def get_parser():
                    help="adaptive compute: freeze a sample once |f(x)| falls below this")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="route the hot path through kernels/ (default: on with CUDA)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="static-buffer sampling loop, compiled step, CUDA graphs on GPU (default: on with CUDA)")
+    g.add_argument("--precision", choices=["tf32", "bf16"], default="tf32",
+                   help="tf32: fp32 weights with TF32 matmuls (published); bf16: bf16 autocast for the model")
     g.add_argument("--data-path", type=str, default=None, help="'digits' selects the digits defaults")
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
     return p
@@ -80,8 +86,11 @@ def resolve_args(args, parser, ckpt_args):
             setattr(args, k, v)
     if args.uncond is None:
         args.uncond = True
+    on_cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.fused is None:
-        args.fused = torch.cuda.is_available() and args.device != "cpu"
+        args.fused = on_cuda
+    if args.compile is None:
+        args.compile = on_cuda
     if args.model not in EqM_models:
         parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
     patch = int(args.model.split("/")[-1])
@@ -178,6 +187,7 @@ def run(args, ckpt, dist_info):
     # the published rule guides channels 0..2 (x[:, :3]), which on a 1-channel model is every channel
     cfg_channels = "all" if args.cfg_channels == "all" else min(3, args.in_channels)
     shape = (args.in_channels, args.input_size, args.input_size)
+    precision = "bf16" if args.precision == "bf16" else "fp32"
     if rank == 0:
         os.makedirs(args.folder, exist_ok=True)
         logger.info(f"Sampling {n} images ({args.sampler}, {args.num_sampling_steps} steps, eta {args.stepsize}, "
@@ -190,9 +200,15 @@ def run(args, ckpt, dist_info):
         x = start_noise(idx, shape, args.global_seed).to(device)
         y = labels[idx].to(device)
         with torch.no_grad():
-            out, stats = sample(model, x, y, sampler=args.sampler, steps=args.num_sampling_steps,
-                                stepsize=args.stepsize, mu=args.mu, cfg_scale=args.cfg_scale,
-                                cfg_channels=cfg_channels, stop_grad_norm=args.stop_grad_norm, return_stats=True)
+            settings = dict(sampler=args.sampler, steps=args.num_sampling_steps, stepsize=args.stepsize, mu=args.mu,
+                            cfg_scale=args.cfg_scale, cfg_channels=cfg_channels, stop_grad_norm=args.stop_grad_norm,
+                            return_stats=True)
+            if args.compile:
+                out, stats = sample_fast(model, x, y, precision=precision, **settings)
+            else:
+                with autocast(device, precision):
+                    out, stats = sample(model, x, y, **settings)
+            out = out.float()
             nfe += stats["total_nfe"]
             if vae is not None:
                 out = vae_lib.decode(vae, out)

@@ -67,6 +67,28 @@ def test_sample_options(digits_ckpt, tmp_path):
     assert stop["nfe_per_sample"] == 1  # every sample stops after its first field evaluation
 
 
+def test_compile_flag_gives_the_plain_samples(digits_ckpt, tmp_path, monkeypatch):
+    from eqm import fast, graph_sampler
+
+    compiled = []
+
+    def aot_eager(fn, backend="inductor"):  # the same dynamo graph, without inductor's slow CPU codegen
+        compiled.append(fn)
+        return fast.compile_fn(fn, "aot_eager")
+
+    monkeypatch.setattr(graph_sampler, "compile_fn", aot_eager)
+    common = ["--num-fid-samples", 6, "--global-batch-size", 4, "--sampler", "ngd", "--stepsize", 0.2,
+              "--cfg-scale", 2.0]
+    plain = run_sample(digits_ckpt, tmp_path / "plain", *common)
+    assert not compiled  # off by default on CPU
+    comp = run_sample(digits_ckpt, tmp_path / "compiled", *common, "--compile")
+    assert len(compiled) == 2  # one static-buffer sampler per batch shape (4, then the last 2)
+    a, b = (np.load(s["npz"]) for s in (plain, comp))
+    assert np.array_equal(a["labels"], b["labels"])
+    assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # uint8 rounding only
+    assert comp["nfe_per_sample"] == plain["nfe_per_sample"] == 3
+
+
 def test_sample_errors(digits_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match="checkpoint is EqM-Ti/4 .* but model is EqM-S/2"):
         run_sample(digits_ckpt, tmp_path / "x", "--model", "EqM-S/2", "--num-fid-samples", 2)
