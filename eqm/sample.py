@@ -19,7 +19,7 @@ from eqm.fast import autocast
 from eqm.graph_sampler import sample_fast
 from eqm.models import EqM_models
 from eqm.samplers import sample
-from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, str2bool
+from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, fill_defaults, str2bool
 from eqm.utils import create_logger, save_image_grid, to_uint8
 
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
@@ -81,19 +81,9 @@ def resolve_args(args, parser, ckpt_args):
         if getattr(args, k, None) is None and ckpt_args.get(k) is not None:
             setattr(args, k, ckpt_args[k])
     digits = args.data_path == "digits"
-    for k, v in (DIGITS_DEFAULTS if digits else PUBLISHED_DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    patch = fill_defaults(args, parser, DIGITS_DEFAULTS, PUBLISHED_DEFAULTS)
     if args.uncond is None:
         args.uncond = True
-    on_cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.fused is None:
-        args.fused = on_cuda
-    if args.compile is None:
-        args.compile = on_cuda
-    if args.model not in EqM_models:
-        parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
-    patch = int(args.model.split("/")[-1])
     if vae_lib.is_pixel_space(args.vae):
         args.vae, args.input_size = "none", args.image_size
         if getattr(args, "in_channels", None) is None:

@@ -109,20 +109,24 @@ def get_parser():
     return p
 
 
-def resolve_args(args, parser):
-    """Fill unset options from the published or the digits defaults and validate them."""
-    digits = args.data_path == "digits"
-    for k, v in (DIGITS_DEFAULTS if digits else PUBLISHED_DEFAULTS).items():
+def fill_defaults(args, parser, digits_defaults, published_defaults):
+    """Unset options from the digits or the published defaults; --fused and --compile on with CUDA.
+    Returns the model's patch size, after checking the model name."""
+    for k, v in (digits_defaults if args.data_path == "digits" else published_defaults).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     on_cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.fused is None:
-        args.fused = on_cuda
-    if args.compile is None:
-        args.compile = on_cuda
+    for k in ("fused", "compile"):
+        if getattr(args, k) is None:
+            setattr(args, k, on_cuda)
     if args.model not in EqM_models:
         parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
-    patch = int(args.model.split("/")[-1])
+    return int(args.model.split("/")[-1])
+
+
+def resolve_args(args, parser):
+    """Fill unset options from the published or the digits defaults and validate them."""
+    patch = fill_defaults(args, parser, DIGITS_DEFAULTS, PUBLISHED_DEFAULTS)
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
     else:

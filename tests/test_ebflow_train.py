@@ -12,15 +12,6 @@ from eqm.ebflow.losses import compute_loss
 from eqm.ebflow.models import fc_flow
 
 
-@pytest.fixture
-def one_thread():
-    """Small models train several times faster on one thread than on an oversubscribed shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("loss", ["ml", "ssm", "dsm", "fdssm", "sml", "sf"])
 def test_training_lowers_test_nll(loss, one_thread):
     torch.manual_seed(0)

@@ -1,5 +1,4 @@
 """Latent path: extraction into sharded .npy, memory-mapped read-back, per-rank sharding, and training on it."""
-import json
 import os
 
 import numpy as np

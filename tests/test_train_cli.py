@@ -11,13 +11,7 @@ from eqm import train
 from eqm.checkpoint import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine: a second OpenMP thread only adds contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # A tiny, fast digits setup: 4x4 images (one token with patch 4).
