@@ -18,6 +18,7 @@ from tqdm import tqdm
 from eqm import data, distributed, vae as vae_lib
 from eqm.models import EqM_models
 from eqm.fast import EMA, TrainStep, make_optimizer
+from eqm.latents import is_latent_dir, read_manifest
 from eqm.utils import create_logger, format_config, requires_grad, save_image_grid
 
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
@@ -126,6 +127,10 @@ def fill_defaults(args, parser, digits_defaults, published_defaults):
 
 def resolve_args(args, parser):
     """Fill unset options from the published or the digits defaults and validate them."""
+    if is_latent_dir(args.data_path):  # the extraction's VAE and image size, unless set
+        manifest = read_manifest(args.data_path)
+        args.vae = manifest["vae"] if args.vae is None else args.vae
+        args.image_size = manifest["image_size"] if args.image_size is None else args.image_size
     patch = fill_defaults(args, parser, DIGITS_DEFAULTS, PUBLISHED_DEFAULTS)
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
@@ -276,7 +281,10 @@ def train(args, dist_info):
         try:
             vae = vae_lib.load_vae(args.vae, device)
         except (FileNotFoundError, RuntimeError) as e:
-            raise SetupError(str(e)) from None
+            if not loader.latents:
+                raise SetupError(str(e)) from None
+            logger.info(f"warning: {e}\nTraining on the latents without sample grids (they need the VAE decoder).")
+            args.sample_every = 0
     logger.info("Resolved configuration:\n" + format_config(args))
     if rank == 0:
         print(f"Experiment directory: {exp_dir}", flush=True)

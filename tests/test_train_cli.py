@@ -119,12 +119,18 @@ def test_latent_folder_trains_without_encoding(tmp_path, monkeypatch):
         raise AssertionError("a latent folder must not go through the VAE encoder")
 
     monkeypatch.setattr(vae_lib, "encode", no_encoding)
-    s = train.main(["--data-path", z, "--vae", vae, "--image-size", "32", "--model", "EqM-Ti/2", "--num-classes", "2",
-                    "--global-batch-size", "2", "--max-steps", "4", "--log-every", "1", "--sample-every", "0",
-                    "--results-dir", str(tmp_path / "res")])
+    common = ["--data-path", z, "--model", "EqM-Ti/2", "--num-classes", "2", "--global-batch-size", "2",
+              "--max-steps", "4", "--log-every", "1", "--sample-steps", "2"]
+    s = train.main(common + ["--results-dir", str(tmp_path / "res")])  # VAE and image size from the manifest
     ck = load_checkpoint(s["checkpoint"])
+    assert ck["args"].vae == vae and ck["args"].image_size == 32 and ck["args"].input_size == 4
     assert ck["args"].in_channels == 4 and ck["model"]["x_embedder.proj.weight"].shape[1] == 4
     assert ck["step"] == 4 and all(np.isfinite(e["loss"]) for e in s["log"])
+    assert np.asarray(Image.open(s["sample_grid"])).shape[2] == 3  # decoded by the manifest's VAE
+    # a VAE that cannot be loaded only costs the sample grids: the latents need no encoder
+    s = train.main(common + ["--vae", str(tmp_path / "no-such-vae"), "--results-dir", str(tmp_path / "res2")])
+    assert s["steps"] == 4 and s["sample_grid"] is None
+    assert "without sample grids" in open(os.path.join(s["experiment_dir"], "log.txt")).read()
 
 
 def test_dali_flag_matches_the_pil_loader(tmp_path, monkeypatch):
