@@ -1,8 +1,9 @@
 """Train EqM: `python -m eqm.train` (or `eqm-train`, or under `torchrun`).
 
 Accepts every flag of the published EqM train.py with the same defaults, plus --max-steps, --lr,
---ema-decay, --precision, --grad-clip, --fused, --compile, --dali, --sample-every. `--data-path digits` trains a small
-pixel-space model on scikit-learn's 8x8 digits so the whole loop runs on a laptop CPU.
+--ema-decay, --precision, --grad-clip, --fused, --compile, --fsdp, --dali, --sample-every.
+`--data-path digits` trains a small pixel-space model on scikit-learn's 8x8 digits so the whole loop
+runs on a laptop CPU.
 """
 import argparse
 import glob
@@ -15,7 +16,7 @@ from copy import deepcopy
 import torch
 from tqdm import tqdm
 
-from eqm import data, distributed, vae as vae_lib
+from eqm import data, distributed, sharding, vae as vae_lib
 from eqm.models import EqM_models
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
@@ -104,6 +105,8 @@ def get_parser():
                    "digits: 0.01")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the forward + loss (fullgraph); default: on with CUDA")
+    g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
+                   "processes (FSDP2, per block) instead of DDP: for models too large to replicate")
     g.add_argument("--dali", action="store_true", help="decode, crop and flip ImageFolder JPEGs with NVIDIA DALI "
                    "(GPU decoding on CUDA). --data-path may also be a latent folder from eqm-extract-latents")
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
@@ -146,6 +149,8 @@ def resolve_args(args, parser):
     for name in ("global_batch_size", "epochs", "log_every", "ckpt_every", "num_classes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.fsdp and args.ebm != "none":
+        parser.error("--fsdp does not support --ebm (the explicit-energy double backward): use DDP (drop --fsdp)")
     if args.max_steps is not None and args.max_steps < 0:
         parser.error("--max-steps must be >= 0")
     if not 0.0 <= args.ema_decay <= 1.0:
@@ -232,8 +237,8 @@ def main(argv=None):
         distributed.cleanup()
 
 
-def load_resume(args, model, ema, opt, logger):
-    """Load --ckpt into model/ema/opt; return the saved training state (step, data position, rng)."""
+def load_resume(args, model, ema, logger):
+    """Load --ckpt into model/ema; return the saved training state (step, data position, rng, opt)."""
     from eqm.checkpoint import load_checkpoint, load_model_state
 
     try:
@@ -249,10 +254,8 @@ def load_resume(args, model, ema, opt, logger):
             load_model_state(ema, ckpt)
     except (ValueError, RuntimeError, KeyError) as e:
         raise SetupError(f"cannot load --ckpt {args.ckpt!r} into {args.model}: {e}") from None
-    if "opt" in ckpt:
-        opt.load_state_dict(ckpt["opt"])
     state = {"step": ckpt.get("step", step_from_filename(args.ckpt)), "data": ckpt.get("data"),
-             "rng": ckpt.get("rng")}
+             "rng": ckpt.get("rng"), "opt": ckpt.get("opt")}
     logger.info(f"Resumed from {args.ckpt} at step {state['step']}")
     return state
 
@@ -294,12 +297,11 @@ def train(args, dist_info):
     model.fused = args.fused
     ema = deepcopy(model)
     requires_grad(ema, False)
-    opt = make_optimizer(model, lr=args.lr)
     logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
 
-    step, epoch, batch = 0, 0, 0
+    step, epoch, batch, state = 0, 0, 0, {}
     if args.ckpt:
-        state = load_resume(args, model, ema, opt, logger)
+        state = load_resume(args, model, ema, logger)
         step = state["step"]
         pos = state["data"]
         if pos is not None:
@@ -312,11 +314,23 @@ def train(args, dist_info):
             set_rng_state(rngs[rank], device)
         else:
             torch.manual_seed((args.global_seed * world + rank) * 1_000_003 + step)
+    plain_ema = None
+    if args.fsdp:
+        plain_ema = deepcopy(ema) if rank == 0 and args.sample_every else None  # the grids sample on rank 0 only
+        sharding.shard_model(model, compile_blocks=args.compile)
+        sharding.shard_model(ema)
+    opt = make_optimizer(model, lr=args.lr)
+    if state.get("opt") is not None:
+        if args.fsdp:
+            sharding.load_optimizer_state(model, opt, state["opt"])
+        else:
+            opt.load_state_dict(state["opt"])
     for g_ in opt.param_groups:  # --lr wins over the lr stored in the optimizer state
         g_["lr"] = args.lr
 
     step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=args.ema_decay, precision=args.precision,
-                        compile=args.compile, ddp=world > 1, grad_clip=args.grad_clip or None,
+                        compile=args.compile and not args.fsdp, ddp=world > 1 and not args.fsdp,
+                        grad_clip=args.grad_clip or None,
                         model_kwargs=dict(return_act=args.disp))
     model.train()  # enables label dropout for classifier-free guidance
     ema.eval()
@@ -339,15 +353,35 @@ def train(args, dist_info):
                 desc="train", dynamic_ncols=True)
     logger.info(f"Training to step {total_steps} ({bpe} batches/epoch per rank, {world} rank(s))...")
 
+    def save_grid(step):
+        """The EMA sample grid PNG, made on rank 0 (with --fsdp every rank first gathers the EMA weights)."""
+        sampling_model = ema
+        if args.fsdp:
+            full = sharding.full_model_state(ema)
+            if rank == 0:
+                plain_ema.load_state_dict(full)
+            sampling_model = plain_ema
+        if rank != 0:
+            return None
+        path = sample_grid(sampling_model, vae, args, loader.num_classes, device,
+                           os.path.join(exp_dir, "samples", f"{step:07d}.png"))
+        logger.info(f"Saved sample grid to {path}")
+        return path
+
     def save(step, epoch, batch):
         rngs = distributed.all_gather_object(rng_state(device))
+        if args.fsdp:  # collectives: every rank gathers, rank 0 writes
+            states = (sharding.full_model_state(model), sharding.full_model_state(ema),
+                      sharding.full_optimizer_state(model, opt))
+        else:
+            states = (model.state_dict(), ema.state_dict(), opt.state_dict())
         if rank != 0:
             return None
         from eqm.checkpoint import save_checkpoint
 
         path = os.path.join(exp_dir, "checkpoints", f"{step:07d}.pt")
         save_checkpoint(path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args,
+            "model": states[0], "ema": states[1], "opt": states[2], "args": args,
             "step": step, "epoch": epoch, "world_size": world, "rng": rngs,
             "data": {"epoch": epoch, "batch": batch, "global_batch_size": args.global_batch_size,
                      "seed": args.global_seed},
@@ -382,10 +416,8 @@ def train(args, dist_info):
                     wandb.log({"train loss": avg_loss, "train steps/sec": steps_per_sec}, step=step)
                 running.zero_()
                 log_steps, t_log = 0, time.time()
-            if args.sample_every and step % args.sample_every == 0 and rank == 0:
-                last_grid = sample_grid(ema, vae, args, loader.num_classes, device,
-                                        os.path.join(exp_dir, "samples", f"{step:07d}.png"))
-                logger.info(f"Saved sample grid to {last_grid}")
+            if args.sample_every and step % args.sample_every == 0:
+                last_grid = save_grid(step)
             if step % args.ckpt_every == 0:
                 last_ckpt = save(step, epoch, batch)
                 distributed.barrier()
@@ -398,9 +430,8 @@ def train(args, dist_info):
     trained = step > start_step
     if trained and step % args.ckpt_every:  # the final state, unless the loop just saved it
         last_ckpt = save(step, epoch, batch)
-    if rank == 0 and trained and args.sample_every and step % args.sample_every:
-        last_grid = sample_grid(ema, vae, args, loader.num_classes, device,
-                                os.path.join(exp_dir, "samples", f"{step:07d}.png"))
+    if trained and args.sample_every and step % args.sample_every:
+        last_grid = save_grid(step)
     distributed.barrier()
     seconds = time.time() - t_start
     summary = {"steps": step, "steps_this_run": step - start_step, "seconds": seconds, "final_loss": avg_loss,
