@@ -249,6 +249,7 @@ def get_parser():
                         "rest): more compiles")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--png", default=None, help="bar chart of the table (default: beside --json)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -360,7 +361,34 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
         print(f"wrote {args.json}")
+    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
+    if png:
+        plot(out, png)
+        print(f"wrote {png}")
     return out
+
+
+def plot(out, path):
+    """Reference vs fast images/s, one group of bars per measurement, speed-ups written on top."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("train_img_s", "train"), ("sample_img_s", "sample"), ("sample_cfg_img_s", "sample + CFG")]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for j, (name, color) in enumerate((("reference", "tab:gray"), ("fast", "tab:orange"))):
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(keys))]
+        ax.bar(xs, [out[name][k] for k, _ in keys], width=0.38, label=name, color=color)
+    for i, (k, _) in enumerate(keys):
+        ax.annotate(f"{out['speedup'][k]:.2f}x", (i + 0.19, out["fast"][k]), ha="center", va="bottom")
+    ax.set_xticks(range(len(keys)), [label for _, label in keys])
+    ax.set_ylabel("images / s")
+    ax.set_title(f"{out['model']} @ {out['image_size']}px on {out['device']}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def print_table(args, dev_name, results, speedup, breakdown):

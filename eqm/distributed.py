@@ -1,4 +1,5 @@
 """Process-group setup that works under torchrun (nccl on CUDA, gloo on CPU) and as a single plain process."""
+import gc
 import os
 from dataclasses import dataclass
 
@@ -73,5 +74,8 @@ def broadcast_object(obj, src=0):
 
 
 def cleanup():
+    """Leave the process group, after freeing what still refers to it (FSDP state sits in reference cycles:
+    collected at interpreter exit instead, its pending gloo work can abort the process)."""
     if is_dist():
+        gc.collect()
         dist.destroy_process_group()

@@ -1,0 +1,48 @@
+"""The main job, bench/throughput.py, end to end at a toy size: the JSON contract of the issue and the chart."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import throughput  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_throughput_json_and_chart(tmp_path, monkeypatch):
+    from eqm import fast, graph_sampler
+
+    backends = []
+
+    def aot_eager(fn, backend="inductor"):  # the same dynamo graphs, without inductor's slow CPU codegen
+        backends.append(backend)
+        return fast.compile_fn.__wrapped__(fn, "aot_eager")
+
+    aot_eager.__wrapped__ = fast.compile_fn
+    monkeypatch.setattr(fast, "compile_fn", aot_eager)
+    monkeypatch.setattr(graph_sampler, "compile_fn", aot_eager)
+    out_json = tmp_path / "out" / "t.json"
+    out = throughput.main(["--model", "EqM-Ti/4", "--image-size", "32", "--batch-size", "2", "--sample-batch-size", "2",
+                           "--sample-steps", "3", "--train-iters", "1", "--warmup", "1", "--rounds", "2",
+                           "--precision", "fp32", "--breakdown", "--json", str(out_json)])
+    assert len(backends) == 3  # the fast path compiled its train step and both samplers (no CFG, CFG)
+    saved = json.loads(out_json.read_text())
+    assert saved["model"] == "EqM-Ti/4" and saved["batch_size"] == 2 and isinstance(saved["device"], str)
+    for name in ("reference", "fast"):
+        r = saved[name]
+        for key in ("train_img_s", "sample_img_s", "sample_cfg_img_s", "tflops", "mfu", "peak_mem_gb"):
+            assert np.isfinite(r[key]), (name, key)
+        assert min(r["train_img_s"], r["sample_img_s"], r["sample_cfg_img_s"], r["peak_tflops"]) > 0
+    for key, speedup in saved["speedup"].items():
+        assert speedup == pytest.approx(saved["fast"][key] / saved["reference"][key])
+    # training costs 3 forwards an image; 3 sampling steps are 2 field evaluations, 4 with CFG
+    flops = saved["flops_per_image"]
+    assert flops["train"] == 3 * flops["forward"] and flops["sample"] == 2 * flops["forward"]
+    assert flops["sample_cfg"] == 2 * flops["sample"]
+    assert saved == json.loads(json.dumps(out))  # what main returns is what it wrote
+    chart = np.asarray(Image.open(tmp_path / "out" / "t.png"))
+    assert chart.ndim == 3 and chart.shape[0] > 100 and chart.std() > 0
