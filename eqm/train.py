@@ -20,7 +20,7 @@ from eqm import data, distributed, sharding, vae as vae_lib
 from eqm.models import EqM_models
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
-from eqm.utils import create_logger, format_config, requires_grad, save_image_grid
+from eqm.utils import create_logger, format_config, save_image_grid
 
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
 
@@ -295,8 +295,7 @@ def train(args, dist_info):
     model = EqM_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
                                    num_classes=args.num_classes, uncond=args.uncond, ebm=args.ebm).to(device)
     model.fused = args.fused
-    ema = deepcopy(model)
-    requires_grad(ema, False)
+    ema = deepcopy(model).requires_grad_(False)
     logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
 
     step, epoch, batch, state = 0, 0, 0, {}

@@ -61,20 +61,6 @@ def create_logger(logging_dir=None, rank=0, name="eqm"):
     return logger
 
 
-@torch.no_grad()
-def update_ema(ema_model, model, decay=0.9999):
-    """ema <- decay * ema + (1 - decay) * model, over all parameters (pos_embed included, as published)."""
-    ema_params = list(ema_model.parameters())
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def requires_grad(model, flag=True):
-    """Set requires_grad on every parameter of `model`."""
-    for p in model.parameters():
-        p.requires_grad_(flag)
-
-
 def format_config(args, keys=None):
     """One line per resolved option, for printing at start-up."""
     d = vars(args)
