@@ -262,6 +262,10 @@ def load_resume(args, model, ema, logger):
 
 def train(args, dist_info):
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
+    if args.fsdp and world == 1:
+        print("note: --fsdp with a single process has nothing to shard: training unsharded "
+              "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
+        args.fsdp = False
     set_precision(args.precision)
     torch.manual_seed(args.global_seed * world + rank)
 

@@ -82,7 +82,8 @@ def test_resume_gives_the_same_losses(tmp_path):
         torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("extra", [["--ebm", "dot"], ["--precision", "bf16", "--grad-clip", "1.0"], ["--disp"]])
+@pytest.mark.parametrize("extra", [["--ebm", "dot"], ["--precision", "bf16", "--grad-clip", "1.0"], ["--disp"],
+                                   ["--fsdp"]])  # one process: nothing to shard, trains unsharded
 def test_train_variants(tmp_path, extra):
     s = run_train(tmp_path, "--global-batch-size", 8, "--max-steps", 2, "--log-every", 1, "--sample-every", 0, *extra)
     assert s["steps"] == 2 and all(np.isfinite(e["loss"]) for e in s["log"])
