@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eqm.distributed import resolve_device  # noqa: E402
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,  # noqa: E402
                       set_precision, train_flops_per_image)
 from eqm.graph_sampler import GraphSampler  # noqa: E402
@@ -255,7 +256,7 @@ def get_parser():
 
 
 def resolve(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     args.image_size = args.image_size or (256 if gpu else 128)
     args.batch_size = args.batch_size or (256 if gpu else 16)

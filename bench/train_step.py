@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eqm.models import EqM_models  # noqa: E402
+from eqm.distributed import resolve_device  # noqa: E402
 from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     model = EqM_models[args.model](input_size=args.input_size, in_channels=args.channels,
                                    num_classes=args.num_classes).to(device).train()

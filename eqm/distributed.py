@@ -19,14 +19,26 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(device=None):
+    """torch.device for a --device flag (default: cuda when available); a clear exit when it cannot be used."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {device!r} is not a device; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but torch {torch.__version__} sees no CUDA GPU here; "
+                         "use --device cpu (or leave --device unset)")
+    return device
+
+
 def setup(device=None):
     """Join the process group when launched by torchrun (WORLD_SIZE set), else run as rank 0 of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

@@ -201,3 +201,14 @@ def test_missing_data_path_and_mismatched_checkpoint(tmp_path):
                     "--ckpt", s["checkpoint"], "--results-dir", str(tmp_path / "res2")])
     with pytest.raises(SystemExit, match="not found"):
         train.main(TINY + ["--ckpt", str(tmp_path / "nope.pt"), "--results-dir", str(tmp_path / "res3")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cuda_device_without_gpu_exits_with_message(tmp_path):
+    from eqm import sample
+
+    for cli in (train.main, sample.main):
+        with pytest.raises(SystemExit, match="--device cuda but torch .* sees no CUDA GPU here; use --device cpu"):
+            cli(["--data-path", "digits", "--device", "cuda"])
+    with pytest.raises(SystemExit, match="'tpu' is not a device"):
+        train.main(["--data-path", "digits", "--device", "tpu"])

@@ -14,6 +14,8 @@ import time
 import torch
 from tqdm import tqdm
 
+from eqm.distributed import resolve_device
+
 from .data import TOYS, load_data
 from .losses import LOSSES, compute_loss
 from .models import ARCHS, build_flow
@@ -159,6 +161,7 @@ def _tile(imgs, ncol=8):
 def main(argv=None):
     """Train, evaluate and save; returns a summary dict."""
     args = parse_args(argv)
+    args.device = str(resolve_device(args.device))
     torch.manual_seed(args.seed)
     data = load_data(args.data, args.n_train, args.n_test, args.seed)
     image = data.n_bins is not None
