@@ -96,3 +96,14 @@ def test_image_folder_data(tmp_path):
     Image.fromarray(np.zeros((5, 5, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
     with pytest.raises(ValueError, match="different sizes"):
         load_data(str(tmp_path))
+
+
+def test_ema_of_a_short_run_keeps_the_improvement(tmp_path, one_thread):
+    common = ["--data", "8gaussians", "--arch", "coupling", "--n-layers", "2", "--loss", "ml", "--steps", "300",
+              "--eval-every", "300", "--n-train", "4000", "--n-test", "1000", "--seed", "0"]
+    raw = train.main(common + ["--ema", "0", "--out", str(tmp_path / "raw")])
+    averaged = train.main(common + ["--ema", "0.999", "--out", str(tmp_path / "ema")])
+    gain = raw["initial_nll"] - raw["final_nll"]
+    assert gain > 0.3, raw
+    # without warm-up, 0.999 ** 300 = 74% of the EMA would still be the initial weights
+    assert averaged["initial_nll"] - averaged["final_nll"] > 0.7 * gain, (raw, averaged)
