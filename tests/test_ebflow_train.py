@@ -107,3 +107,9 @@ def test_ema_of_a_short_run_keeps_the_improvement(tmp_path, one_thread):
     assert gain > 0.3, raw
     # without warm-up, 0.999 ** 300 = 74% of the EMA would still be the initial weights
     assert averaged["initial_nll"] - averaged["final_nll"] > 0.7 * gain, (raw, averaged)
+
+
+def test_default_lr_depends_on_the_loss():
+    assert train.parse_args(["--loss", "ml"]).lr == 1e-3 and train.parse_args(["--loss", "sml"]).lr == 1e-3
+    assert all(train.parse_args(["--loss", name]).lr == 1e-4 for name in ("ssm", "dsm", "fdssm", "exact_sm", "sf"))
+    assert train.parse_args(["--loss", "dsm", "--lr", "3e-3"]).lr == 3e-3
