@@ -14,3 +14,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def aot_eager_compiles(monkeypatch):
+    """Every eqm compile (training step, graph sampler) goes through backend "aot_eager": the same dynamo
+    graphs without inductor's slow CPU code generation. Returns the list of functions compiled."""
+    from eqm import fast, graph_sampler
+
+    compiled, compile_fn = [], fast.compile_fn
+
+    def aot_eager(fn, backend="inductor"):
+        compiled.append(fn)
+        return compile_fn(fn, "aot_eager")
+
+    monkeypatch.setattr(fast, "compile_fn", aot_eager)
+    monkeypatch.setattr(graph_sampler, "compile_fn", aot_eager)
+    return compiled

@@ -13,23 +13,12 @@ import throughput  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_throughput_json_and_chart(tmp_path, monkeypatch):
-    from eqm import fast, graph_sampler
-
-    backends = []
-
-    def aot_eager(fn, backend="inductor"):  # the same dynamo graphs, without inductor's slow CPU codegen
-        backends.append(backend)
-        return fast.compile_fn.__wrapped__(fn, "aot_eager")
-
-    aot_eager.__wrapped__ = fast.compile_fn
-    monkeypatch.setattr(fast, "compile_fn", aot_eager)
-    monkeypatch.setattr(graph_sampler, "compile_fn", aot_eager)
+def test_throughput_json_and_chart(tmp_path, aot_eager_compiles):
     out_json = tmp_path / "out" / "t.json"
     out = throughput.main(["--model", "EqM-Ti/4", "--image-size", "32", "--batch-size", "2", "--sample-batch-size", "2",
                            "--sample-steps", "3", "--train-iters", "1", "--warmup", "1", "--rounds", "2",
                            "--precision", "fp32", "--breakdown", "--json", str(out_json)])
-    assert len(backends) == 3  # the fast path compiled its train step and both samplers (no CFG, CFG)
+    assert len(aot_eager_compiles) == 3  # the fast path compiled its train step and both samplers (no CFG, CFG)
     saved = json.loads(out_json.read_text())
     assert saved["model"] == "EqM-Ti/4" and saved["batch_size"] == 2 and isinstance(saved["device"], str)
     for name in ("reference", "fast"):

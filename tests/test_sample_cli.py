@@ -62,16 +62,8 @@ def test_sample_options(digits_ckpt, tmp_path):
     assert stop["nfe_per_sample"] == 1  # every sample stops after its first field evaluation
 
 
-def test_compile_flag_gives_the_plain_samples(digits_ckpt, tmp_path, monkeypatch):
-    from eqm import fast, graph_sampler
-
-    compiled = []
-
-    def aot_eager(fn, backend="inductor"):  # the same dynamo graph, without inductor's slow CPU codegen
-        compiled.append(fn)
-        return fast.compile_fn(fn, "aot_eager")
-
-    monkeypatch.setattr(graph_sampler, "compile_fn", aot_eager)
+def test_compile_flag_gives_the_plain_samples(digits_ckpt, tmp_path, aot_eager_compiles):
+    compiled = aot_eager_compiles
     common = ["--num-fid-samples", 6, "--global-batch-size", 4, "--sampler", "ngd", "--stepsize", 0.2,
               "--cfg-scale", 2.0]
     plain = run_sample(digits_ckpt, tmp_path / "plain", *common)

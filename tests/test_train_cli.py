@@ -154,17 +154,8 @@ def test_dali_flag_matches_the_pil_loader(tmp_path, monkeypatch):
     assert via_dali["final_loss"] == pytest.approx(pil["final_loss"], rel=0.03)
 
 
-def test_compile_flag_gives_the_eager_losses(tmp_path, monkeypatch):
-    from eqm import fast
-
-    compiled = []
-    compile_fn = fast.compile_fn
-
-    def aot_eager(fn, backend="inductor"):  # the same dynamo graph, without inductor's slow CPU codegen
-        compiled.append(fn)
-        return compile_fn(fn, "aot_eager")
-
-    monkeypatch.setattr(fast, "compile_fn", aot_eager)
+def test_compile_flag_gives_the_eager_losses(tmp_path, aot_eager_compiles):
+    compiled = aot_eager_compiles
     common = ["--global-batch-size", 8, "--max-steps", 3, "--log-every", 1, "--sample-every", 0, "--lr", "3e-3"]
     eager = run_train(tmp_path, *common, results="eager")
     assert not compiled  # off by default on CPU
