@@ -68,9 +68,9 @@ def attn_core(q, k, v, fused=False, double_grad=False):
     double_grad: use plain matmul+softmax, which is twice differentiable everywhere (EqM-E training);
     the SDPA flash/efficient backends are not.
     """
-    if double_grad:
-        w = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
-        return w @ v
+    if double_grad:  # SDPA's math backend, written out: sqrt(scale) on each of q and k
+        s = q.shape[-1] ** -0.25
+        return torch.softmax((q * s) @ (k * s).transpose(-2, -1), dim=-1) @ v
     if fused and (fn := _kernel("attention")) is not None:
         return fn(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
@@ -81,11 +81,17 @@ def attn_core(q, k, v, fused=False, double_grad=False):
 #################################################################################
 
 class PatchEmbed(nn.Module):
-    """(N, C, H, W) -> (N, T, D) with a stride-p convolution; T = (H/p) * (W/p)."""
+    """(N, C, H, W) -> (N, T, D) with a stride-p convolution; T = (H/p) * (W/p).
 
-    def __init__(self, patch_size, in_channels, hidden_size):
+    Exposes timm's attributes (patch_size as a pair, num_patches), which code written for the published
+    model reads.
+    """
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
         super().__init__()
-        self.patch_size = patch_size
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (input_size // patch_size, input_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
@@ -268,7 +274,7 @@ class EqM(nn.Module):
         self.ebm = ebm
         self.fused = fused
 
-        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.num_patches = (input_size // patch_size) ** 2
@@ -336,18 +342,18 @@ class EqM(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null label), "
                              f"got range [{int(y.min())}, {int(y.max())}]")
 
-    def _head(self, x, t, y, train, fused=False, double_grad=False):
+    def _head(self, x, t, y, fused=False, double_grad=False):
         """The transformer proper: (first C channels of the head output, per-block activations).
 
-        fused: kernels/ ops (not twice differentiable under torch.func); double_grad: attention by plain
-        matmul+softmax (EqM-E training).
+        Labels are dropped in training mode only (self.training), as published. fused: kernels/ ops (not
+        twice differentiable under torch.func); double_grad: attention by plain matmul+softmax (EqM-E training).
         """
         if t is None or self.uncond:
             t = torch.zeros(x.shape[0], device=x.device)
         elif t.dim() == 0:
             t = t.expand(x.shape[0])
         x = self.x_embedder(x) + self.pos_embed           # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, train or self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         act = []
         if fused:  # each residual add is fused with the adaLN that follows it (next block's or final layer's)
             mods = [block.adaLN_modulation(c).chunk(6, dim=1) for block in self.blocks]
@@ -373,45 +379,61 @@ class EqM(nn.Module):
             return (head * x).flatten(1).sum(1)
         if self.ebm == "l2":
             return -0.5 * head.flatten(1).pow(2).sum(1)
-        raise ValueError("get_energy needs an explicit-energy model: build it with ebm='dot', 'l2' or 'mean'")
+        raise ValueError(f"energy needs an explicit-energy model (ebm 'dot', 'l2' or 'mean'), not ebm={self.ebm!r}")
 
-    def forward(self, x, t, y, return_act=False, get_energy=False, train=False):
-        """Gradient field f(x), shape (N, C, H, W).
+    def _energy_field(self, x, t, y, create_graph):
+        """EqM-E: (grad_x E, E, activations), with autograd even under torch.no_grad().
 
-        x: (N, C, H, W) inputs; t: (N,) times (ignored when uncond, may be None); y: (N,) labels.
-        return_act: also return the list of per-block activations (N, T, D): (f, act).
-        get_energy: return the per-sample energy E (N,) instead of f (EqM-E only).
-        train: training call: drops labels as training mode does.
-        EqM-E: the output is grad_x E also under torch.no_grad() (then detached); with grad mode on it
-        stays differentiable (create_graph), so a loss on it backpropagates to the weights.
+        torch.func.grad differentiates w.r.t. x in any grad mode (the published code returned the raw head
+        under no_grad) and traces under torch.compile(fullgraph=True). create_graph (the published `train`)
+        keeps grad_x E differentiable for the training double backward, with attention written out as SDPA's
+        math backend (what the published training selects for EqM-E); otherwise it is detached, as published.
+        It uses the reference ops: custom ops cannot join a torch.func transform.
         """
-        self._check_inputs(x, t, y)
-        if self.ebm == "none" or get_energy:
-            head, act = self._head(x, t, y, train, fused=self.fused)
-            out = self.energy(head, x) if get_energy else head
-            return (out, act) if return_act else out
+        double_grad = create_graph and torch.is_grad_enabled()
 
-        # torch.func.grad differentiates w.r.t. x even under torch.no_grad() (the published code returned
-        # the raw head there), keeps the result differentiable for the outer backward when grad mode is
-        # on (the training double backward), and traces under torch.compile(fullgraph=True).
-        double_grad = torch.is_grad_enabled()
+        def energy_sum(x_in):
+            head, act = self._head(x_in, t, y, double_grad=double_grad)
+            energy = self.energy(head, x_in)
+            return energy.sum(), (energy, act)
 
-        def energy_sum(x_in):  # reference ops: custom ops cannot join torch.func.grad
-            head, act = self._head(x_in, t, y, train, double_grad=double_grad)
-            return self.energy(head, x_in).sum(), act
+        field, (energy, act) = torch.func.grad(energy_sum, has_aux=True)(x)
+        return (field if double_grad else field.detach()), energy, act
 
-        out, act = torch.func.grad(energy_sum, has_aux=True)(x)
-        return (out, act) if return_act else out
+    def forward(self, x0, t, y, return_act=False, get_energy=False, train=False):
+        """Gradient field f(x), shape (N, C, H, W); the published signature and return structure.
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3, train=False):
+        x0: (N, C, H, W) inputs (the published name; not the noise); t: (N,) times (ignored when uncond, may be None); y: (N,) labels.
+        return_act: return (f, act), act the list of per-block activations (N, T, D).
+        get_energy: return (f, -E), -E (N,) the per-sample energy score (lower = more data-like); zeros for
+            ebm="none", whose energy is implicit. return_act is then ignored, as published.
+        train: EqM-E only, as published: keep f differentiable (create_graph) for a loss on it. Labels are
+            dropped in training mode (model.train()), as published.
+        EqM-E: f = grad_x E also under torch.no_grad() (then detached): the one intended difference from the
+        published code, which returns the raw head there.
+        """
+        self._check_inputs(x0, t, y)
+        if self.ebm == "none":
+            field, act = self._head(x0, t, y, fused=self.fused)
+            energy = torch.zeros(x0.shape[0], dtype=field.dtype, device=field.device) if get_energy else None
+        else:
+            field, energy, act = self._energy_field(x0, t, y, create_graph=train)
+        if get_energy:
+            return field, -energy
+        return (field, act) if return_act else field
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, return_act=False, get_energy=False, train=False, cfg_channels=3):
         """Classifier-free guidance on a doubled batch: first half conditional labels, second half null.
 
-        Like the published code, only x[: N/2] is used (duplicated) and guidance acts on the first
-        `cfg_channels` channels (3, the published default, or "all"); the other channels keep each
-        half's own prediction.
+        As published: only x[: N/2] is used (duplicated), guidance acts on the first 3 channels (all of them
+        when there are fewer; cfg_channels="all" guides every channel), the other channels keep each half's
+        own prediction, and the return structure follows forward: f, (f, act) or (f, -E) over the doubled batch.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y, train=train)
+        out = self.forward(torch.cat([half, half], dim=0), t, y, return_act=return_act, get_energy=get_energy,
+                           train=train)
+        if isinstance(out, tuple):
+            return cfg_combine(out[0], cfg_scale, cfg_channels), out[1]
         return cfg_combine(out, cfg_scale, cfg_channels)
 
     @property
@@ -431,10 +453,13 @@ class EqM(nn.Module):
 
 
 def cfg_combine(out, cfg_scale, cfg_channels=3):
-    """CFG on a doubled batch `out` = [cond; uncond]: uncond + s * (cond - uncond) on the guided channels."""
-    n_ch = out.shape[1] if cfg_channels == "all" else int(cfg_channels)
-    if not 0 < n_ch <= out.shape[1]:
-        raise ValueError(f"cfg_channels must be 'all' or in 1..{out.shape[1]}, got {cfg_channels!r}")
+    """CFG on a doubled batch `out` = [cond; uncond]: uncond + s * (cond - uncond) on the guided channels.
+
+    cfg_channels: guide the first min(cfg_channels, C) channels (the published x[:, :3] slice), or "all".
+    """
+    if cfg_channels != "all" and not (isinstance(cfg_channels, int) and cfg_channels >= 1):
+        raise ValueError(f"cfg_channels must be 'all' or a positive channel count, got {cfg_channels!r}")
+    n_ch = out.shape[1] if cfg_channels == "all" else min(cfg_channels, out.shape[1])
     guided, rest = out[:, :n_ch], out[:, n_ch:]
     cond, uncond = guided.chunk(2, dim=0)
     half = uncond + cfg_scale * (cond - uncond)
@@ -477,17 +502,35 @@ EqM_configs = {
 EqM_configs.update({"EqM-Ti/2": (6, 192, 3, 2), "EqM-Ti/4": (6, 192, 3, 4)})
 
 
-def _factory(name):
+def _build(name, **kwargs):
     depth, hidden, heads, patch = EqM_configs[name]
-
-    def build(**kwargs):
-        return EqM(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
-    build.__name__ = name.replace("-", "_").replace("/", "_")
-    build.__doc__ = f"{name}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
-    return build
+    return EqM(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
 
 
-EqM_models = {name: _factory(name) for name in EqM_configs}
+# The published registry functions (EqM_XL_2 ... EqM_S_8), plus the small CPU sizes.
+def EqM_XL_2(**kwargs): return _build("EqM-XL/2", **kwargs)  # noqa: E704
+def EqM_XL_4(**kwargs): return _build("EqM-XL/4", **kwargs)  # noqa: E704
+def EqM_XL_8(**kwargs): return _build("EqM-XL/8", **kwargs)  # noqa: E704
+def EqM_L_2(**kwargs): return _build("EqM-L/2", **kwargs)  # noqa: E704
+def EqM_L_4(**kwargs): return _build("EqM-L/4", **kwargs)  # noqa: E704
+def EqM_L_8(**kwargs): return _build("EqM-L/8", **kwargs)  # noqa: E704
+def EqM_B_2(**kwargs): return _build("EqM-B/2", **kwargs)  # noqa: E704
+def EqM_B_4(**kwargs): return _build("EqM-B/4", **kwargs)  # noqa: E704
+def EqM_B_8(**kwargs): return _build("EqM-B/8", **kwargs)  # noqa: E704
+def EqM_S_2(**kwargs): return _build("EqM-S/2", **kwargs)  # noqa: E704
+def EqM_S_4(**kwargs): return _build("EqM-S/4", **kwargs)  # noqa: E704
+def EqM_S_8(**kwargs): return _build("EqM-S/8", **kwargs)  # noqa: E704
+def EqM_Ti_2(**kwargs): return _build("EqM-Ti/2", **kwargs)  # noqa: E704
+def EqM_Ti_4(**kwargs): return _build("EqM-Ti/4", **kwargs)  # noqa: E704
+
+
+EqM_models = {
+    "EqM-XL/2": EqM_XL_2, "EqM-XL/4": EqM_XL_4, "EqM-XL/8": EqM_XL_8,
+    "EqM-L/2": EqM_L_2, "EqM-L/4": EqM_L_4, "EqM-L/8": EqM_L_8,
+    "EqM-B/2": EqM_B_2, "EqM-B/4": EqM_B_4, "EqM-B/8": EqM_B_8,
+    "EqM-S/2": EqM_S_2, "EqM-S/4": EqM_S_4, "EqM-S/8": EqM_S_8,
+    "EqM-Ti/2": EqM_Ti_2, "EqM-Ti/4": EqM_Ti_4,
+}
 
 
 def create_model(name, **kwargs):

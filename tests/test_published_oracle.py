@@ -1,0 +1,133 @@
+"""The published EqM model itself as the oracle: same weights, same numbers, same return structures.
+
+Needs a checkout of github.com/raywang4/EqM: set EQM_PUBLISHED_REPO=/path/to/EqM (skipped otherwise; its
+code is never copied here). timm does not import beside this CPU torch, so its three layers the published
+models.py imports (PatchEmbed, Attention, Mlp) are stood in for by the small modules below, written from
+timm's documented behaviour: conv patch embedding, fused-qkv SDPA attention, fc1-act-fc2 MLP.
+"""
+import contextlib
+import importlib.util
+import itertools
+import os
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from eqm.models import EqM, EqM_models
+
+REPO = os.environ.get("EQM_PUBLISHED_REPO")
+pytestmark = pytest.mark.skipif(not REPO, reason="set EQM_PUBLISHED_REPO to a checkout of raywang4/EqM")
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class _Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features, act_layer, drop=0):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(in_features, hidden_features), act_layer(), nn.Linear(hidden_features, in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def published():
+    """The published models.py, imported with the timm stand-ins."""
+    timm = types.ModuleType("timm")
+    vt = types.ModuleType("timm.models.vision_transformer")
+    vt.PatchEmbed, vt.Attention, vt.Mlp = _PatchEmbed, _Attention, _Mlp
+    saved = {k: sys.modules.get(k) for k in ("timm", "timm.models", "timm.models.vision_transformer")}
+    sys.modules.update({"timm": timm, "timm.models": types.ModuleType("timm.models"),
+                        "timm.models.vision_transformer": vt})
+    try:
+        spec = importlib.util.spec_from_file_location("published_eqm_models", os.path.join(REPO, "models.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return mod
+
+
+def _pair(published, name, **kw):
+    torch.manual_seed(0)
+    theirs = published.EqM_models[name](**kw)
+    with torch.no_grad():  # random everything, so no zero-initialised layer hides a difference
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    ours = EqM_models[name](**kw)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs.eval(), ours.eval()
+
+
+def _close(a, b):
+    if isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for u, v in zip(a, b):
+            _close(u, v)
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.shape == b.shape
+        err = (a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-30)
+        assert err <= 1e-6, f"relative error {err:.2e}"
+    elif isinstance(a, (int, float)) and torch.is_tensor(b):  # ebm="none": published -E is the int 0
+        assert (b == a).all()  # intended difference: a zero tensor (N,), so .cpu() / .tolist() work
+    else:
+        assert a == b
+
+
+def test_registry_and_signatures_match(published):
+    import inspect
+    assert list(published.EqM_models) == [n for n in EqM_models if not n.startswith("EqM-Ti")]
+    for meth in ("forward", "forward_with_cfg", "unpatchify", "initialize_weights", "__init__"):
+        theirs = list(inspect.signature(getattr(published.EqM, meth)).parameters)
+        ours = list(inspect.signature(getattr(EqM, meth)).parameters)
+        assert ours[: len(theirs)] == theirs, (meth, theirs, ours)
+
+
+@pytest.mark.parametrize("ebm", ["none", "dot", "l2", "mean"])
+@pytest.mark.parametrize("in_channels,learn_sigma", [(4, True), (3, False), (1, True), (2, False)])
+def test_same_numbers_every_call(published, ebm, in_channels, learn_sigma):
+    kw = dict(input_size=8, in_channels=in_channels, num_classes=10, learn_sigma=learn_sigma, ebm=ebm)
+    theirs, ours = _pair(published, "EqM-S/4", **kw)
+    x, y, t = torch.randn(4, in_channels, 8, 8), torch.tensor([1, 2, 10, 10]), torch.rand(4)
+    for return_act, get_energy, train in itertools.product((False, True), repeat=3):
+        call = dict(return_act=return_act, get_energy=get_energy, train=train)
+        cfg_call = call if not (return_act and get_energy) else dict(call, return_act=False)  # a published bug
+        # EqM-E with train=True needs the double backward, which the published train.py gets from SDPA's
+        # math backend (set for --ebm); on CPU its default backend has no double backward.
+        math_only = train and ebm != "none"
+        with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
+            _close(theirs(x.clone(), t, y, **call), ours(x, t, y, **call))
+            _close(theirs.forward_with_cfg(x.clone(), t, y, 1.7, **cfg_call),
+                   ours.forward_with_cfg(x, t, y, 1.7, **cfg_call))
