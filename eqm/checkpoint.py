@@ -143,3 +143,63 @@ def load_model_state(model, path_or_dict, prefer="ema", strict=True):
         raise ValueError(head + ":\n  " + "\n  ".join(details))
     model.load_state_dict(sd, strict=strict)
     return source
+
+
+#################################################################################
+#          Optimizer state: the published layout, both ways                     #
+#################################################################################
+# The published train.py builds AdamW(model.parameters()): every parameter, the frozen pos_embed first, in
+# module order, so its `opt` state dict indexes parameters by that position. make_optimizer does the same.
+# Checkpoints written here before that change indexed the trainable parameters only; both layouts load.
+
+_RUNTIME_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+class OptimizerStateMismatch(ValueError):
+    """A checkpoint's optimizer state that cannot be mapped onto this model's optimizer."""
+
+
+def export_optimizer_state(opt_state):
+    """`opt.state_dict()` as the published AdamW writes it: default runtime flags, CPU `step` counters."""
+    groups = [{**g, **{k: None if k in ("foreach", "fused") else False for k in _RUNTIME_FLAGS if k in g}}
+              for g in opt_state["param_groups"]]
+    state = {i: {k: v.detach().to("cpu", torch.float32) if k == "step" and torch.is_tensor(v) else v
+                 for k, v in s.items()} for i, s in opt_state["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def import_optimizer_state(opt_state, model, opt):
+    """A checkpoint's optimizer state laid out for `opt` (built over model.parameters()), from either layout.
+
+    Raises OptimizerStateMismatch (one line) when it belongs to another model or optimizer.
+    """
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    try:
+        groups, state = opt_state["param_groups"], opt_state["state"]
+        saved = [i for g in groups for i in g["params"]]
+    except (KeyError, TypeError):
+        raise OptimizerStateMismatch("the checkpoint's optimizer state is not a torch optimizer state dict") from None
+    if "betas" not in groups[0] or not all({"exp_avg", "exp_avg_sq"} <= set(s) for s in state.values()):
+        raise OptimizerStateMismatch("the checkpoint's optimizer state is not AdamW's (the published optimizer)")
+    if len(groups) != 1 or len(opt.param_groups) != 1:
+        raise OptimizerStateMismatch(f"the checkpoint's optimizer has {len(groups)} parameter groups; the published "
+                                     f"AdamW layout has one")
+    if len(saved) == len(params):
+        position = dict(zip(saved, range(len(params))))
+    elif len(saved) == len(trainable):  # written here before the published layout: trainable parameters only
+        position = dict(zip(saved, trainable))
+    else:
+        raise OptimizerStateMismatch(f"the checkpoint's optimizer holds {len(saved)} parameters; this model has "
+                                     f"{len(params)} ({len(trainable)} trainable)")
+    new_state = {}
+    for i, s in state.items():
+        p = params[position[i]]
+        for k, v in s.items():
+            if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                raise OptimizerStateMismatch(f"optimizer state {k!r} of {names[position[i]]} has shape "
+                                             f"{tuple(v.shape)}, the parameter {tuple(p.shape)} (another model?)")
+        new_state[position[i]] = s
+    runtime = {k: opt.param_groups[0][k] for k in _RUNTIME_FLAGS if k in opt.param_groups[0]}
+    return {"state": new_state, "param_groups": [{**groups[0], **runtime, "params": list(range(len(params)))}]}

@@ -60,8 +60,9 @@ def autocast(device, precision):
 
 
 def make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999)):
-    """AdamW over the trainable parameters: the single-kernel fused variant on CUDA, foreach on CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW over model.parameters() as published (the frozen pos_embed too: it gets no gradient, so no state),
+    so its state dict indexes parameters as the published checkpoints do; fused on CUDA, foreach on CPU."""
+    params = list(model.parameters())
     on_cuda = params[0].is_cuda
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
                              fused=on_cuda, foreach=not on_cuda)

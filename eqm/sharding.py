@@ -36,7 +36,8 @@ def shard_model(model, compile_blocks=False, backend="inductor"):
 
 
 def _param_names(model):
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    """Parameter names in model.parameters() order: the index layout of the published optimizer state."""
+    return [n for n, _ in model.named_parameters()]
 
 
 def full_model_state(model):

@@ -17,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 from eqm import data, distributed, sharding, vae as vae_lib
+from eqm.checkpoint import (OptimizerStateMismatch, export_optimizer_state, import_optimizer_state,
+                            save_checkpoint)
 from eqm.models import EqM_models
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
@@ -84,13 +86,16 @@ def get_parser():
     g.add_argument("--ckpt-every", type=int, default=None, help="[50000]; digits: 1000")
     g.add_argument("--cfg-scale", type=float, default=None, help="[4.0] for sample grids; digits: 2.0")
     g.add_argument("--wandb", action="store_true")
-    g.add_argument("--ckpt", type=str, default=None, help="checkpoint to resume from (or initialise with)")
+    g.add_argument("--ckpt", type=str, default=None, help="checkpoint to resume from (or initialise with): "
+                   "this project's or the published train.py's")
     g.add_argument("--disp", action="store_true", help="add the Dispersive Loss")
     g.add_argument("--uncond", type=str2bool, default=True, help="disable noise conditioning (t = 0)")
     g.add_argument("--ebm", type=str, choices=EBM_CHOICES, default="none", help="explicit energy (EqM-E)")
     add_transport_args(p)
     g = p.add_argument_group("additions")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (overrides --epochs)")
+    g.add_argument("--fresh-optimizer", action="store_true", help="with --ckpt: load the weights (and step) only "
+                   "and start a new AdamW, e.g. when the checkpoint's optimizer state is for another model or optimizer")
     g.add_argument("--lr", type=float, default=None, help="[1e-4] AdamW lr; digits: 1e-3")
     g.add_argument("--ema-decay", type=float, default=None, help="[0.9999]; digits: 0.995")
     g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
@@ -323,11 +328,16 @@ def train(args, dist_info):
         sharding.shard_model(model, compile_blocks=args.compile)
         sharding.shard_model(ema)
     opt = make_optimizer(model, lr=args.lr)
-    if state.get("opt") is not None:
+    if state.get("opt") is not None and not args.fresh_optimizer:
+        try:
+            opt_state = import_optimizer_state(state["opt"], model, opt)
+        except OptimizerStateMismatch as e:
+            raise SetupError(f"cannot resume the optimizer from --ckpt {args.ckpt!r}: {e}. Pass --fresh-optimizer "
+                             "to load the weights alone with a new AdamW") from None
         if args.fsdp:
-            sharding.load_optimizer_state(model, opt, state["opt"])
+            sharding.load_optimizer_state(model, opt, opt_state)
         else:
-            opt.load_state_dict(state["opt"])
+            opt.load_state_dict(opt_state)
     for g_ in opt.param_groups:  # --lr wins over the lr stored in the optimizer state
         g_["lr"] = args.lr
 
@@ -380,11 +390,9 @@ def train(args, dist_info):
             states = (model.state_dict(), ema.state_dict(), opt.state_dict())
         if rank != 0:
             return None
-        from eqm.checkpoint import save_checkpoint
-
         path = os.path.join(exp_dir, "checkpoints", f"{step:07d}.pt")
         save_checkpoint(path, {
-            "model": states[0], "ema": states[1], "opt": states[2], "args": args,
+            "model": states[0], "ema": states[1], "opt": export_optimizer_state(states[2]), "args": args,
             "step": step, "epoch": epoch, "world_size": world, "rng": rngs,
             "data": {"epoch": epoch, "batch": batch, "global_batch_size": args.global_batch_size,
                      "seed": args.global_seed},

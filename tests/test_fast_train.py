@@ -103,7 +103,8 @@ def test_ema_and_optimizer_choice():
         torch.testing.assert_close(e, expected, msg=lambda m: f"{name}: {m}")
     opt = make_optimizer(model)
     assert opt.defaults["foreach"] and not opt.defaults["fused"]  # CPU: foreach; CUDA gets fused
-    assert not any(p is model.pos_embed for p in opt.param_groups[0]["params"])
+    # The published layout: every parameter in model.parameters() order, the frozen pos_embed first.
+    assert all(a is b for a, b in zip(opt.param_groups[0]["params"], model.parameters(), strict=True))
 
 
 def test_flop_formula(monkeypatch):
