@@ -1,8 +1,9 @@
 """Sample EqM by gradient descent: `python -m eqm.sample` (or `eqm-sample`, or under `torchrun`).
 
 Accepts the flags of the published sample_gd.py (--sampler gd|ngd, --stepsize, --mu, ...) and writes
-<folder>/<index:06d>.png per sample, <folder>/grid.png, and <folder>/samples.npz for the ADM evaluator
-(arr_0: uint8 (N, H, W, 3), exactly --num-fid-samples images; labels: the class each was drawn for).
+<folder>/<index:06d>.png per sample, <folder>/grid.png, and <folder>.npz beside the folder for the ADM
+evaluator, where the published script writes it (arr_0: uint8 (N, H, W, 3), exactly --num-fid-samples images;
+labels: the class each was drawn for).
 Sample i depends only on --global-seed and i, not on the number of processes or the batch size.
 """
 import argparse
@@ -117,10 +118,10 @@ def sample_labels(n, num_classes, seed):
 
 
 def write_npz(folder, n, labels):
-    """Assemble <folder>/samples.npz from the per-sample PNGs (arr_0 uint8 (n, H, W, 3), labels (n,))."""
+    """Assemble <folder>.npz (the published path) from the per-sample PNGs (arr_0 uint8 (n, H, W, 3), labels (n,))."""
     arr = np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png")).convert("RGB"))
                     for i in tqdm(range(n), desc="building .npz", disable=None)])
-    path = os.path.join(folder, "samples.npz")
+    path = os.path.normpath(folder) + ".npz"
     np.savez(path, arr_0=arr, labels=labels.numpy().astype(np.int64))
     return path, arr
 

@@ -7,6 +7,7 @@ runs on a laptop CPU.
 """
 import argparse
 import glob
+import hashlib
 import os
 import re
 import sys
@@ -353,8 +354,12 @@ def train(args, dist_info):
             import wandb
         except ImportError:
             raise SetupError("--wandb needs the wandb package: pip install wandb") from None
-        wandb.init(project=os.environ.get("PROJECT", "eqm"), entity=os.environ.get("ENTITY"),
-                   name=os.path.basename(exp_dir), config=vars(args))
+        if os.environ.get("WANDB_KEY"):  # the published README's variables: WANDB_KEY, ENTITY, PROJECT
+            wandb.login(key=os.environ["WANDB_KEY"])
+        name = os.path.basename(exp_dir)
+        run_id = str(int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10**8)  # stable per run folder
+        wandb.init(project=os.environ.get("PROJECT", "eqm"), entity=os.environ.get("ENTITY"), name=name,
+                   config=vars(args), id=run_id, resume="allow")
 
     bpe = sampler.batches_per_epoch
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * bpe

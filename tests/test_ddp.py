@@ -90,7 +90,7 @@ def test_torchrun_sampling_matches_single_process(tmp_path):
                            "-m", "eqm.sample", *common, "--folder", str(tmp_path / "two"), "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = np.load(tmp_path / "two" / "samples.npz")
+    two = np.load(tmp_path / "two.npz")
     assert two["arr_0"].shape == (7, 8, 8, 3)
     np.testing.assert_array_equal(two["arr_0"], single["arr_0"])
     np.testing.assert_array_equal(two["labels"], single["labels"])

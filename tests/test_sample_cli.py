@@ -31,7 +31,7 @@ def test_sample_npz_pngs_grid(digits_ckpt, tmp_path):
     s = run_sample(digits_ckpt, tmp_path / "s", "--num-fid-samples", 13, "--global-batch-size", 5)
     d = np.load(s["npz"])
     arr, labels = d["arr_0"], d["labels"]
-    assert s["npz"] == str(tmp_path / "s" / "samples.npz")
+    assert s["npz"] == str(tmp_path / "s.npz")  # beside the folder, as the published sample_gd.py writes it
     assert arr.shape == (13, 8, 8, 3) and arr.dtype == np.uint8  # model, image size from the checkpoint
     assert labels.shape == (13,) and labels.dtype == np.int64 and set(labels.tolist()) <= set(range(10))
     assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()  # grayscale -> RGB
