@@ -215,6 +215,9 @@ class EqMBlock(nn.Module):
         return gated_residual_adaln(x, gate_mlp, self.mlp(h), next_shift, next_scale, fused=True)
 
 
+SiTBlock = EqMBlock  # the published name
+
+
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map to p*p*out_channels values per token."""
 
@@ -470,17 +473,27 @@ def cfg_combine(out, cfg_scale, cfg_channels=3):
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
 
-def get_2d_sincos_pos_embed(embed_dim, grid_size):
-    """(grid_size**2, embed_dim) MAE layout: first half encodes the column (w), second half the row (h)."""
+def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False, extra_tokens=0):
+    """(grid_size**2, embed_dim) MAE layout, with `extra_tokens` zero rows first when cls_token (published API)."""
     grid_h = np.arange(grid_size, dtype=np.float32)
     grid_w = np.arange(grid_size, dtype=np.float32)
     grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # w first
-    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, grid[0])
-    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, grid[1])
+    emb = get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
+    if cls_token and extra_tokens > 0:
+        emb = np.concatenate([np.zeros([extra_tokens, embed_dim]), emb], axis=0)
+    return emb
+
+
+def get_2d_sincos_pos_embed_from_grid(embed_dim, grid):
+    """grid (2, ...) of (w, h) positions -> (M, embed_dim): first half encodes grid[0], second half grid[1]."""
+    if embed_dim % 2:
+        raise ValueError(f"2-D sin-cos position embedding needs an even dimension, got {embed_dim}")
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
     return np.concatenate([emb_w, emb_h], axis=1)
 
 
-def get_1d_sincos_pos_embed(embed_dim, pos):
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
     """(M, embed_dim) = [sin(pos * w), cos(pos * w)], w_k = 1 / 10000^(k / (embed_dim / 2))."""
     if embed_dim % 2:
         raise ValueError(f"sin-cos position embedding needs an even dimension, got {embed_dim}")

@@ -12,6 +12,7 @@ import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -113,6 +114,27 @@ def test_registry_and_signatures_match(published):
         theirs = list(inspect.signature(getattr(published.EqM, meth)).parameters)
         ours = list(inspect.signature(getattr(EqM, meth)).parameters)
         assert ours[: len(theirs)] == theirs, (meth, theirs, ours)
+
+
+def test_module_level_names_match(published):
+    import inspect
+
+    import eqm.models as ours
+    public = [n for n, v in vars(published).items() if not n.startswith("_") and getattr(v, "__module__", None)
+              == published.__name__]
+    missing = [n for n in public if not hasattr(ours, n)]
+    assert not missing, missing
+    for n in public:
+        theirs, mine = getattr(published, n), getattr(ours, n)
+        if inspect.isfunction(theirs) or inspect.isclass(theirs):
+            a, b = list(inspect.signature(theirs).parameters), list(inspect.signature(mine).parameters)
+            a = [p for p in a if p != "block_kwargs"]  # SiTBlock's unused **block_kwargs
+            assert b[: len(a)] == a, (n, a, b)
+    assert {"EqM", "SiTBlock", "modulate", "EqM_XL_2", "get_2d_sincos_pos_embed_from_grid"} <= set(public)
+    for grid in (1, 4, 16):
+        for dim in (16, 384):
+            np.testing.assert_array_equal(ours.get_2d_sincos_pos_embed(dim, grid, True, 1),
+                                          published.get_2d_sincos_pos_embed(dim, grid, True, 1))
 
 
 @pytest.mark.parametrize("ebm", ["none", "dot", "l2", "mean"])
