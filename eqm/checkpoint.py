@@ -5,9 +5,13 @@ passes) so a resumed run continues where it stopped. Files from the published co
 argparse.Namespace; that class (and only it) is allow-listed, so a file from the internet cannot run code.
 """
 import argparse
+import glob
 import os
 import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 
 import torch
 
@@ -33,14 +37,55 @@ def _check_loadable(obj, where="state"):
                         f"refuses; store tensors, numbers, strings, lists or dicts instead")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message is one line that says what to do."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """The checkpoint path does not exist."""
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder):
+    """Delete the temp files (.tmp-<pid>-*.pt) that killed writers left in `folder`; returns their paths.
+
+    A temp file whose writer is still running on this machine is kept, so two processes may save into
+    one folder; names without a pid (older versions) are always stale.
+    """
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp-*.pt")):
+        m = re.match(r"\.tmp-(\d+)-", os.path.basename(tmp))
+        if m and (int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1)))):
+            continue
+        try:
+            os.unlink(tmp)
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def save_checkpoint(path, state):
-    """Write `state` (a dict) to `path` atomically: a temp file in the same folder, then os.replace."""
+    """Write `state` (a dict) to `path` atomically: a temp file in the same folder, then os.replace.
+
+    Temp files of earlier writes that were killed midway are removed first (see remove_stale_temps).
+    """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     _check_loadable(state)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    remove_stale_temps(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -53,18 +98,72 @@ def save_checkpoint(path, state):
         raise
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True; argparse.Namespace (the published `args`) is allowed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def checkpoint_kind(ckpt):
+    """"eqm", "ebflow" or None (unknown, e.g. a bare state dict of another model) for a loaded checkpoint."""
+    if not isinstance(ckpt, dict):
+        return None
+    a = ckpt.get("args")
+    if isinstance(a, dict) and "arch" in a and "loss" in a:
+        return "ebflow"
+    if isinstance(a, argparse.Namespace) and hasattr(a, "model"):
+        return "eqm"
+    sd = ckpt.get("ema") if _is_state_dict(ckpt.get("ema")) else ckpt.get("model", ckpt)
+    if isinstance(sd, dict) and any(isinstance(k, str) and k.endswith("x_embedder.proj.weight") for k in sd):
+        return "eqm"
+    return None
+
+
+_TRAINERS = {"eqm": "EqM (eqm-train)", "ebflow": "EBFlow (python -m eqm.ebflow.train)"}
+
+
+def load_checkpoint(path, map_location="cpu", kind=None):
+    """torch.load with weights_only=True (argparse.Namespace, the published `args`, is allowed).
+
+    Returns a dict. Any file that cannot be used (missing, a folder, empty, truncated, not a torch file,
+    unsafe to unpickle, not a dict, or from the other trainer when `kind` is "eqm" or "ebflow") raises
+    CheckpointError with a one-line message; a missing file raises CheckpointNotFound (a FileNotFoundError).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        pts = sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.pt"), recursive=True))
+        hint = f"e.g. {pts[-1]}" if pts else "it holds no .pt file"
+        raise CheckpointError(f"checkpoint {path} is a folder: pass a checkpoint file ({hint})")
+    if not os.path.exists(path):
+        raise CheckpointNotFound(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write never finished; "
+                              "use an earlier checkpoint")
+    if head[:1] != b"\x80" and head != b"PK\x03\x04":  # a torch.save zip, or the legacy pickle format
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (not a torch.save file)")
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({size:,} bytes, no zip directory): "
+                              "its write was cut short; use an earlier checkpoint")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: we never do that
-        why = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), str(e)[:200])
-        raise RuntimeError(f"refusing to load {path}: it holds objects other than tensors, plain containers "
-                           f"and argparse.Namespace, which could run code when unpickled ({why.split('. Please')[0]})"
-                           ) from e
+        why = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), "")
+        if "Unsupported global" not in why:
+            raise CheckpointError(f"{path} is not a torch.save checkpoint (a plain pickle?)") from None
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors, plain containers "
+                              "and argparse.Namespace, which could run code when unpickled "
+                              f"({why.split('. Please')[0]})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch.save file ({first})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint (a dict of weights)")
+    found = checkpoint_kind(ckpt)
+    if kind is not None and found is not None and found != kind:
+        raise CheckpointError(f"{path} is an {_TRAINERS[found]} checkpoint, not an {_TRAINERS[kind]} one")
+    return ckpt
 
 
 def _is_state_dict(d):
@@ -115,6 +214,8 @@ def select_state_dict(ckpt, prefer="ema"):
     """(state_dict, source) from a full checkpoint, an ema-only file or a bare state dict."""
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    if checkpoint_kind(ckpt) == "ebflow":
+        raise ValueError(f"it is an {_TRAINERS['ebflow']} checkpoint, not an EqM one")
     if _is_state_dict(ckpt):
         return ckpt, "state_dict"
     if isinstance(ckpt, dict):

@@ -2,6 +2,7 @@
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,23 @@ def resolve_device(device=None):
     return device
 
 
-def setup(device=None):
-    """Join the process group when launched by torchrun (WORLD_SIZE set), else run as rank 0 of 1."""
+DEFAULT_TIMEOUT_MIN = 10.0  # a dead or frozen rank fails the others' next collective after this long
+
+
+def add_timeout_arg(parser):
+    """The --dist-timeout flag (minutes) shared by the CLIs that run under torchrun."""
+    from eqm.validate import number
+
+    parser.add_argument("--dist-timeout", type=number(float, lo=0, lo_open=True), default=DEFAULT_TIMEOUT_MIN,
+                        help="minutes a process waits in a collective for the others before the run fails "
+                             "(a rank that died or froze); raise it if a rank legitimately lags that long")
+
+
+def setup(device=None, timeout_min=DEFAULT_TIMEOUT_MIN):
+    """Join the process group when launched by torchrun (WORLD_SIZE set), else run as rank 0 of 1.
+
+    timeout_min bounds every collective: when a rank dies or freezes, the others fail after that many
+    minutes (gloo raises; NCCL's watchdog aborts the process) instead of waiting 30 minutes or forever."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -44,9 +60,23 @@ def setup(device=None):
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_min),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+_PEER_FAILURES = ("timed out", "connection closed by peer", "connection reset by peer", "broken pipe",
+                  "watchdog caught collective operation timeout")
+
+
+def peer_failure_message(err, timeout_min):
+    """One line for an error a collective raised because another rank died or froze, else None."""
+    is_dist_error = isinstance(err, getattr(dist, "DistError", ()))
+    if not (is_dist_error or (isinstance(err, RuntimeError) and any(p in str(err).lower() for p in _PEER_FAILURES))):
+        return None
+    rank = dist.get_rank() if is_dist() else int(os.environ.get("RANK", "0"))
+    return (f"rank {rank}: another process died or froze (no answer within --dist-timeout {timeout_min:g} min): "
+            f"see the other ranks' output ({str(err).strip().splitlines()[0][:120] if str(err).strip() else ''})")
 
 
 def is_dist():

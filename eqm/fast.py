@@ -114,14 +114,22 @@ class TrainStep:
         DDP must sit outside the compiled region, since dynamo cannot trace DDP.forward with fullgraph.
     a, lam: the objective's c(t) parameters; grad_clip: max grad norm or None.
     model_kwargs: extra model keywords, e.g. dict(return_act=True) for the dispersive loss (--disp).
+    check_finite: keep the global grad norm of each step in `self.grad_norm` (a device tensor, no sync).
+    skip_nonfinite: skip the optimizer and EMA update of a step whose loss or grad norm is non-finite on
+        any rank (one host sync per step); `self.skipped` tells whether the last step was skipped.
     """
 
     def __init__(self, model, opt, *, ema=None, ema_decay=0.9999, precision="bf16", compile=True,
-                 backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None, model_kwargs=None):
+                 backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None, model_kwargs=None,
+                 check_finite=False, skip_nonfinite=False):
         if isinstance(model, DDP):
             raise ValueError("pass the bare model to TrainStep and ddp=True: it wraps the compiled loss in DDP itself")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip} (a negative max norm flips the gradients)")
         self.model, self.opt, self.ema, self.ema_decay = model, opt, ema, ema_decay
         self.grad_clip = grad_clip
+        self.check_finite, self.skip_nonfinite = check_finite or skip_nonfinite, skip_nonfinite
+        self.grad_norm, self.skipped = None, False
         self.device = next(model.parameters()).device
         if fused is not None:
             model.fused = bool(fused)
@@ -141,12 +149,29 @@ class TrainStep:
         loss = self.loss_fn(x1, y, noise, t)
         loss.backward()
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        elif self.check_finite:
+            from eqm.guard import grad_norm
+
+            self.grad_norm = grad_norm(self.model.parameters())
+        if self.skip_nonfinite and self._nonfinite(loss):
+            self.opt.zero_grad(set_to_none=True)
+            self.skipped = True
+            return loss.detach()
+        self.skipped = False
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.ema_decay)
         return loss.detach()
+
+    def _nonfinite(self, loss):
+        """Whether the loss or grad norm is non-finite on any rank (a host sync, and an all-reduce with DDP)."""
+        norm = self.grad_norm.to_local() if hasattr(self.grad_norm, "to_local") else self.grad_norm
+        bad = (~(torch.isfinite(loss.detach().float()) & torch.isfinite(norm.float().to(loss.device)))).int()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad)
 
 
 #################################################################################

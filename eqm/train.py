@@ -6,7 +6,6 @@ Accepts every flag of the published EqM train.py with the same defaults, plus --
 runs on a laptop CPU.
 """
 import argparse
-import glob
 import hashlib
 import os
 import re
@@ -17,13 +16,14 @@ from copy import deepcopy
 import torch
 from tqdm import tqdm
 
-from eqm import data, distributed, sharding, vae as vae_lib
-from eqm.checkpoint import (OptimizerStateMismatch, export_optimizer_state, import_optimizer_state,
-                            save_checkpoint)
+from eqm import data, distributed, sharding, validate as V, vae as vae_lib
+from eqm.checkpoint import (CheckpointError, OptimizerStateMismatch, export_optimizer_state,
+                            import_optimizer_state, save_checkpoint)
+from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, NonFiniteGuard, all_finite
 from eqm.models import EqM_models
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
-from eqm.utils import create_logger, format_config, save_image_grid
+from eqm.utils import claim_run_dir, create_logger, format_config, save_image_grid
 
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
 
@@ -116,7 +116,28 @@ def get_parser():
     g.add_argument("--dali", action="store_true", help="decode, crop and flip ImageFolder JPEGs with NVIDIA DALI "
                    "(GPU decoding on CUDA). --data-path may also be a latent folder from eqm-extract-latents")
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
-    return p
+    add_reliability_args(p)
+    return V.apply_types(p, NUMERIC_FLAGS)
+
+
+# Every numeric flag is checked when parsed: a run that starts does not fail later on its own settings.
+NUMERIC_FLAGS = dict(image_size=V.positive_int, num_classes=V.positive_int, epochs=V.positive_int,
+                     global_batch_size=V.positive_int, global_seed=V.seed, num_workers=V.nonneg_int,
+                     log_every=V.positive_int, ckpt_every=V.positive_int, cfg_scale=V.nonneg_float,
+                     sample_eps=V.finite_float, train_eps=V.finite_float, max_steps=V.nonneg_int,
+                     lr=V.positive_float, ema_decay=V.unit_interval, grad_clip=V.nonneg_float,
+                     sample_every=V.nonneg_int, sample_steps=V.positive_int, sample_stepsize=V.step_size)
+
+
+def add_reliability_args(p):
+    """What a run does on a non-finite loss or gradient, and how long ranks wait for each other."""
+    g = p.add_argument_group("faults")
+    g.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES, default="stop",
+                   help="non-finite loss or gradient: stop (found at the next log step or checkpoint, no host "
+                        "sync per step) or skip the step's update (one host sync per step)")
+    g.add_argument("--max-skips", type=V.nonneg_int, default=10,
+                   help="with --on-nonfinite skip: stop once more steps than this were skipped")
+    distributed.add_timeout_arg(g)
 
 
 def fill_defaults(args, parser, digits_defaults, published_defaults):
@@ -155,6 +176,9 @@ def resolve_args(args, parser):
     for name in ("global_batch_size", "epochs", "log_every", "ckpt_every", "num_classes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.global_batch_size % world:
+        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
     if args.fsdp and args.ebm != "none":
         parser.error("--fsdp does not support --ebm (the explicit-energy double backward): use DDP (drop --fsdp)")
     if args.max_steps is not None and args.max_steps < 0:
@@ -182,10 +206,9 @@ def step_from_filename(path):
 
 
 def new_experiment_dir(results_dir, model_name):
-    os.makedirs(results_dir, exist_ok=True)
-    index = len(glob.glob(os.path.join(results_dir, "*")))
-    exp = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
-    os.makedirs(os.path.join(exp, "checkpoints"), exist_ok=True)
+    """A new run folder of its own (claimed atomically, see claim_run_dir) with a checkpoints/ subfolder."""
+    exp = claim_run_dir(results_dir, model_name.replace("/", "-"))
+    os.makedirs(os.path.join(exp, "checkpoints"))
     return exp
 
 
@@ -221,6 +244,8 @@ def sample_grid(ema, vae, args, num_classes, device, path):
     out = sample(ema, x, y, sampler="gd", steps=args.sample_steps, stepsize=args.sample_stepsize,
                  cfg_scale=args.cfg_scale, cfg_channels=min(3, args.in_channels))  # the published x[:, :3] rule
     out = out[0] if isinstance(out, tuple) else out
+    if not torch.isfinite(out).all():
+        return None  # the caller says so; a grid of NaN is not worth a PNG
     if vae is not None:
         out = torch.cat([vae_lib.decode(vae, z) for z in out.split(16)])
     return save_image_grid(out.float(), path, nrow=nrow)
@@ -234,11 +259,16 @@ def main(argv=None):
     """Parse flags, train, and return a summary dict (steps, seconds, final loss, paths, log)."""
     parser = get_parser()
     args = resolve_args(parser.parse_args(argv), parser)
-    dist_info = distributed.setup(args.device)
+    dist_info = distributed.setup(args.device, args.dist_timeout)
     try:
         return train(args, dist_info)
-    except SetupError as e:
+    except (SetupError, CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"eqm-train: error: {e}") from None
+    except RuntimeError as e:
+        line = distributed.peer_failure_message(e, args.dist_timeout)
+        if line is None:
+            raise
+        raise SystemExit(f"eqm-train: error: {line}") from None
     finally:
         distributed.cleanup()
 
@@ -345,7 +375,9 @@ def train(args, dist_info):
     step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=args.ema_decay, precision=args.precision,
                         compile=args.compile and not args.fsdp, ddp=world > 1 and not args.fsdp,
                         grad_clip=args.grad_clip or None,
-                        model_kwargs=dict(return_act=args.disp))
+                        model_kwargs=dict(return_act=args.disp),
+                        check_finite=True, skip_nonfinite=args.on_nonfinite == "skip")
+    guard, skipped = NonFiniteGuard(device), 0
     model.train()  # enables label dropout for classifier-free guidance
     ema.eval()
 
@@ -383,16 +415,25 @@ def train(args, dist_info):
             return None
         path = sample_grid(sampling_model, vae, args, loader.num_classes, device,
                            os.path.join(exp_dir, "samples", f"{step:07d}.png"))
-        logger.info(f"Saved sample grid to {path}")
+        if path is None:
+            logger.info(f"warning: the EMA sample grid at step {step} is non-finite (no PNG written): "
+                        f"lower --sample-stepsize {args.sample_stepsize}")
+        else:
+            logger.info(f"Saved sample grid to {path}")
         return path
 
     def save(step, epoch, batch):
+        guard.check("before writing the checkpoint")
         rngs = distributed.all_gather_object(rng_state(device))
         if args.fsdp:  # collectives: every rank gathers, rank 0 writes
             states = (sharding.full_model_state(model), sharding.full_model_state(ema),
                       sharding.full_optimizer_state(model, opt))
         else:
             states = (model.state_dict(), ema.state_dict(), opt.state_dict())
+        finite = all_finite(list(states[0].values()) + list(states[1].values())) if rank == 0 else None
+        if not distributed.broadcast_object(finite):
+            raise NonFiniteError(f"the weights at step {step} are non-finite; stopped without saving them. "
+                                 f"Try: {ADVICE}")
         if rank != 0:
             return None
         path = os.path.join(exp_dir, "checkpoints", f"{step:07d}.pt")
@@ -415,15 +456,26 @@ def train(args, dist_info):
             loss = step_fn(x, y)
             step += 1
             batch += 1
-            running += loss.detach()
-            log_steps += 1
+            if step_fn.skipped:  # --on-nonfinite skip: the update was not applied
+                skipped += 1
+                logger.info(f"warning: skipped step {step}: non-finite loss {loss.item():.4g} or gradient "
+                            f"({skipped} skipped so far, --max-skips {args.max_skips})")
+                if skipped > args.max_skips:
+                    raise NonFiniteError(f"more than --max-skips {args.max_skips} steps had a non-finite loss or "
+                                         f"gradient (the last at step {step}). Try: {ADVICE}")
+            else:
+                guard.record(step, loss, step_fn.grad_norm)
+                running += loss.detach()
+                log_steps += 1
             pbar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
+                guard.check("at the log step")
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.time()
-                avg_loss = distributed.all_reduce_mean(running / log_steps).item()
+                # the skip decisions agree on every rank, so log_steps == 0 on all of them or on none
+                avg_loss = distributed.all_reduce_mean(running / log_steps).item() if log_steps else float("nan")
                 steps_per_sec = log_steps / (now - t_log)
                 logger.info(f"(step={step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}")
                 pbar.set_postfix(loss=f"{avg_loss:.4f}", it_s=f"{steps_per_sec:.1f}")
@@ -433,6 +485,7 @@ def train(args, dist_info):
                 running.zero_()
                 log_steps, t_log = 0, time.time()
             if args.sample_every and step % args.sample_every == 0:
+                guard.check("before drawing the sample grid")
                 last_grid = save_grid(step)
             if step % args.ckpt_every == 0:
                 last_ckpt = save(step, epoch, batch)
@@ -447,10 +500,12 @@ def train(args, dist_info):
     if trained and step % args.ckpt_every:  # the final state, unless the loop just saved it
         last_ckpt = save(step, epoch, batch)
     if trained and args.sample_every and step % args.sample_every:
+        guard.check("before drawing the sample grid")
         last_grid = save_grid(step)
     distributed.barrier()
     seconds = time.time() - t_start
     summary = {"steps": step, "steps_this_run": step - start_step, "seconds": seconds, "final_loss": avg_loss,
+               "skipped_steps": skipped,
                "experiment_dir": exp_dir, "checkpoint": last_ckpt, "sample_grid": last_grid, "log": log}
     if rank == 0:
         logger.info(

@@ -2,6 +2,7 @@
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -67,3 +68,28 @@ def format_config(args, keys=None):
     keys = keys or sorted(d)
     width = max(len(k) for k in keys)
     return "\n".join(f"  {k:<{width}} = {d[k]}" for k in keys)
+
+
+def claim_run_dir(results_dir, name):
+    """Create and return results_dir/<index:03d>-<name> with index = 1 + the largest index there.
+
+    os.mkdir is atomic, so two runs started together get different folders, and an index is never
+    taken from a count of entries, so deleting an old run never makes a new one reuse a newer run's folder.
+    """
+    os.makedirs(results_dir, exist_ok=True)
+    used = [int(m.group(1)) for m in (re.match(r"(\d+)-", e) for e in os.listdir(results_dir)) if m]
+    index = max(used, default=-1) + 1
+    while True:
+        path = os.path.join(results_dir, f"{index:03d}-{name}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def find_outputs(folder, pattern=r"\d{6}\.png|samples\.npz|grid\.png"):
+    """Files in `folder` that an earlier sampling run wrote (sorted); [] for a missing or clean folder."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if re.fullmatch(pattern, f))
