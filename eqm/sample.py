@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eqm import distributed, vae as vae_lib
+from eqm import distributed, validate as V, vae as vae_lib
+from eqm.checkpoint import CheckpointError
 from eqm.fast import autocast
 from eqm.graph_sampler import sample_fast
 from eqm.models import EqM_models
 from eqm.samplers import sample
 from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, fill_defaults, str2bool
-from eqm.utils import create_logger, save_image_grid, to_uint8
+from eqm.utils import create_logger, find_outputs, save_image_grid, to_uint8
 
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
                           num_fid_samples=50_000, cfg_scale=4.0, stepsize=0.0017)
@@ -65,7 +66,17 @@ def get_parser():
                    help="tf32: fp32 weights with TF32 matmuls (published); bf16: bf16 autocast for the model")
     g.add_argument("--data-path", type=str, default=None, help="'digits' selects the digits defaults")
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
-    return p
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the samples an earlier run left in --folder (default: refuse to mix them)")
+    distributed.add_timeout_arg(g)
+    return V.apply_types(p, NUMERIC_FLAGS)
+
+
+NUMERIC_FLAGS = dict(image_size=V.positive_int, num_classes=V.positive_int, global_batch_size=V.positive_int,
+                     global_seed=V.seed, cfg_scale=V.nonneg_float, stepsize=V.step_size,
+                     num_sampling_steps=V.positive_int, mu=V.nonneg_float, num_fid_samples=V.positive_int,
+                     per_proc_batch_size=V.positive_int, stop_grad_norm=V.positive_float,
+                     sample_eps=V.finite_float, train_eps=V.finite_float)
 
 
 def checkpoint_args(ckpt):
@@ -104,6 +115,18 @@ def resolve_args(args, parser, ckpt_args):
     return args
 
 
+def prepare_folder(folder, overwrite):
+    """Create --folder; with older samples in it, delete them (overwrite) or return why not (else None)."""
+    old = find_outputs(folder)
+    if old and not overwrite:
+        return (f"--folder {folder} already holds {len(old)} files from an earlier run (e.g. {old[0]}): "
+                "pass --overwrite to replace them, or choose a new --folder")
+    for f in old:
+        os.remove(os.path.join(folder, f))
+    os.makedirs(folder, exist_ok=True)
+    return None
+
+
 def start_noise(indices, shape, seed):
     """N(0, I) start points; sample i's noise comes from its own generator seeded by (seed, i)."""
     out = torch.empty(len(indices), *shape)
@@ -135,13 +158,18 @@ def main(argv=None):
         from eqm.checkpoint import load_checkpoint
 
         try:
-            ckpt = load_checkpoint(args.ckpt)
-        except (FileNotFoundError, RuntimeError) as e:
+            ckpt = load_checkpoint(args.ckpt, kind="eqm")
+        except CheckpointError as e:
             raise SystemExit(f"eqm-sample: error: {e}") from None
     args = resolve_args(args, parser, checkpoint_args(ckpt) if ckpt is not None else {})
-    dist_info = distributed.setup(args.device)
+    dist_info = distributed.setup(args.device, args.dist_timeout)
     try:
         return run(args, ckpt, dist_info)
+    except RuntimeError as e:
+        line = distributed.peer_failure_message(e, args.dist_timeout)
+        if line is None:
+            raise
+        raise SystemExit(f"eqm-sample: error: {line}") from None
     finally:
         distributed.cleanup()
 
@@ -179,8 +207,11 @@ def run(args, ckpt, dist_info):
     cfg_channels = "all" if args.cfg_channels == "all" else min(3, args.in_channels)
     shape = (args.in_channels, args.input_size, args.input_size)
     precision = "bf16" if args.precision == "bf16" else "fp32"
+    problem = prepare_folder(args.folder, args.overwrite) if rank == 0 else None
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise SystemExit(f"eqm-sample: error: {problem}")
     if rank == 0:
-        os.makedirs(args.folder, exist_ok=True)
         logger.info(f"Sampling {n} images ({args.sampler}, {args.num_sampling_steps} steps, eta {args.stepsize}, "
                     f"cfg {args.cfg_scale}) with {world} process(es), batch {bs} each, into {args.folder}")
     distributed.barrier()
@@ -200,6 +231,11 @@ def run(args, ckpt, dist_info):
                 with autocast(device, precision):
                     out, stats = sample(model, x, y, **settings)
             out = out.float()
+            bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().flatten().tolist()
+            if bad:
+                raise SystemExit(f"eqm-sample: error: {len(bad)} of {len(idx)} samples (first: index {idx[bad[0]]}) "
+                                 f"became non-finite during sampling: lower --stepsize {args.stepsize} "
+                                 f"(or --cfg-scale {args.cfg_scale}); nothing was written for them")
             nfe += stats["total_nfe"]
             if vae is not None:
                 out = vae_lib.decode(vae, out)

@@ -82,7 +82,7 @@ def test_npy_data_and_clear_errors(tmp_path):
         load_data("moons")
     with pytest.raises(SystemExit):
         train.parse_args(["--loss", "nope"])
-    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+    with pytest.raises(SystemExit, match=r"\(C, H, W\)"):
         train.main(["--data", "sine", "--arch", "cnn", "--steps", "1", "--out", str(tmp_path / "e")])
 
 

@@ -14,7 +14,10 @@ import time
 import torch
 from tqdm import tqdm
 
+from eqm import validate as V
+from eqm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from eqm.distributed import resolve_device
+from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, all_finite, grad_norm, message
 
 from .data import TOYS, load_data
 from .losses import LOSSES, compute_loss
@@ -23,6 +26,11 @@ from .preprocess import MaP, nll
 
 
 LIKELIHOOD_LOSSES = ("ml", "sml")
+NUMERIC_FLAGS = dict(lr=V.positive_float, batch_size=V.positive_int, steps=V.positive_int, ema=V.unit_interval,
+                     grad_clip=V.nonneg_float, eval_every=V.positive_int, seed=V.seed, sigma=V.positive_float,
+                     eps=V.positive_float, slices=V.positive_int, lam=V.finite_float,
+                     kernel_size=V.number(int, lo=1, hint=" (an odd size, e.g. 3)"), n_layers=V.positive_int,
+                     hidden=V.positive_int, n_train=V.positive_int, n_test=V.positive_int)
 
 
 def parse_args(argv=None):
@@ -57,14 +65,18 @@ def parse_args(argv=None):
     p.add_argument("--n-train", type=int, default=20000, help="2-D toys: training points")
     p.add_argument("--n-test", type=int, default=2000, help="2-D toys: test points")
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
+    p.add_argument("--on-nonfinite", choices=NONFINITE_CHOICES, default="stop",
+                   help="non-finite loss or gradient: stop, or skip the step (at most --max-skips times)")
+    p.add_argument("--max-skips", type=V.nonneg_int, default=20, help="with --on-nonfinite skip")
+    V.apply_types(p, NUMERIC_FLAGS)
     args = p.parse_args(argv)
     if args.loss not in LOSSES:
         p.error(f"unknown loss {args.loss!r}; choose one of {', '.join(LOSSES)}")
     if args.lr is None:
         args.lr = 1e-3 if args.loss in LIKELIHOOD_LOSSES else 1e-4
-    for name in ("lr", "batch_size", "steps", "eval_every"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.kernel_size % 2 == 0:
+        p.error(f"--kernel-size must be odd (the convolutions pad to 'same'), got {args.kernel_size}")
     return args
 
 
@@ -113,11 +125,41 @@ def ema_decay(decay, step):
     return min(decay, (1 + step) / (10 + step))
 
 
-def save_checkpoint(path, state):
-    """Atomic torch.save: write a temporary file, then rename it over `path`."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def load_resume(path, flow, opt, ema, device):
+    """Load an EBFlow checkpoint into flow/opt/ema; returns its step. One-line CheckpointError otherwise."""
+    state = load_checkpoint(path, map_location=device, kind="ebflow")
+    if not {"model", "opt", "step"} <= set(state):
+        raise CheckpointError(f"{path} is not an EBFlow training checkpoint (it has {sorted(state)[:6]}, "
+                              "not model/opt/step)")
+    try:
+        flow.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.load_state_dict(state.get("ema") or state["model"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        was = state.get("args") or {}
+        was = ", ".join(f"--{k} {was[k]}" for k in ("data", "arch", "n_layers", "hidden", "kernel_size")
+                       if was.get(k) is not None)
+        raise CheckpointError(f"{path} holds another flow ({was or 'other settings'}): resume with the same "
+                              f"--data and --arch flags ({str(e).strip().splitlines()[0][:100]})") from None
+    return state["step"]
+
+
+def claim_out(out, csv_path, ckpt_path, resume, overwrite):
+    """Open <out>/log.csv for this run: append on --resume, else create it exclusively (another run's
+    folder is refused unless --overwrite). Returns (file, new)."""
+    os.makedirs(out, exist_ok=True)
+    if resume and os.path.exists(csv_path):
+        return open(csv_path, "a", newline=""), False
+    if overwrite or resume:
+        return open(csv_path, "w", newline=""), True
+    try:
+        if os.path.exists(ckpt_path):
+            raise FileExistsError
+        return open(csv_path, "x", newline=""), True  # exclusive: two runs started together cannot share it
+    except FileExistsError:
+        raise SystemExit(f"ebflow: error: --out {out} already holds a run (log.csv / ckpt.pt): pass --resume "
+                         f"{ckpt_path} to continue it, --overwrite to replace it, or choose a new --out") from None
 
 
 @torch.no_grad()
@@ -172,19 +214,28 @@ def _tile(imgs, ncol=8):
 
 
 def main(argv=None):
-    """Train, evaluate and save; returns a summary dict."""
+    """Train, evaluate and save; returns a summary dict. Bad input ends in one line (SystemExit)."""
     args = parse_args(argv)
+    try:
+        return train(args)
+    except (CheckpointError, NonFiniteError) as e:
+        raise SystemExit(f"ebflow: error: {e}") from None
+
+
+def train(args):
     args.device = str(resolve_device(args.device))
     torch.manual_seed(args.seed)
-    data = load_data(args.data, args.n_train, args.n_test, args.seed)
-    image = data.n_bins is not None
-    arch = args.arch or ("fc" if image else "coupling")
-    kw = {"cnn": {"kernel_size": args.kernel_size}, "coupling": {"n_layers": args.n_layers, "hidden": args.hidden}}
-    inside = image and args.map == "inside"
-    flow = build_flow(arch, data.shape, logit=inside, **kw.get(arch, {})).to(args.device)
+    try:
+        data = load_data(args.data, args.n_train, args.n_test, args.seed)
+        image = data.n_bins is not None
+        arch = args.arch or ("fc" if image else "coupling")
+        kw = {"cnn": {"kernel_size": args.kernel_size}, "coupling": {"n_layers": args.n_layers, "hidden": args.hidden}}
+        inside = image and args.map == "inside"
+        flow = build_flow(arch, data.shape, logit=inside, **kw.get(arch, {})).to(args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"ebflow: error: {e}") from None
     pipe = Pipeline(data, inside)
     opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, csv_path, png_path = (os.path.join(args.out, f) for f in ("ckpt.pt", "log.csv", "samples.png"))
 
     start = 0
@@ -192,19 +243,13 @@ def main(argv=None):
     flow.initialize(init_batch.to(args.device))
     ema = copy.deepcopy(flow).eval().requires_grad_(False) if args.ema > 0 else None
     if args.resume:
-        state = torch.load(args.resume, map_location=args.device, weights_only=True)
-        flow.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if ema is not None:
-            ema.load_state_dict(state.get("ema") or state["model"])
-        start = state["step"]
+        start = load_resume(args.resume, flow, opt, ema, args.device)
+    log, new_log = claim_out(args.out, csv_path, ckpt_path, args.resume, args.overwrite)
     evaluated = ema if ema is not None else flow
 
     n_params = sum(p.numel() for p in flow.parameters())
     print(f"EBFlow {arch} on {data.name} {data.shape}: {n_params:,} parameters, loss {args.loss}, "
           f"{len(data.train)} train / {len(data.test)} test")
-    new_log = not (args.resume and os.path.exists(csv_path))
-    log = open(csv_path, "w" if new_log else "a", newline="")
     writer = csv.writer(log)
     if new_log:
         writer.writerow(["step", "loss", "test_nll_nats", "test_bpd", "seconds"])
@@ -230,15 +275,21 @@ def main(argv=None):
         x = pipe.inputs(data.train[idx])[0].to(args.device)
         loss = compute_loss(flow, x, args.loss, lam=args.lam, **opts)
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        norm = None
+        if torch.isfinite(loss):  # (the loss is read on the host every step anyway)
+            loss.backward()
+            norm = (torch.nn.utils.clip_grad_norm_(flow.parameters(), args.grad_clip) if args.grad_clip > 0
+                    else grad_norm(flow.parameters()))
+        if norm is None or not torch.isfinite(norm):
+            value = loss.item()
+            if args.on_nonfinite == "stop":
+                raise NonFiniteError(message(step, value, None if norm is None else norm.item()))
             skipped += 1
-            if skipped > 20:
-                raise RuntimeError(f"loss {args.loss} was non-finite more than 20 times (step {step}); "
-                                   f"lower --lr or set --grad-clip")
+            opt.zero_grad(set_to_none=True)
+            if skipped > args.max_skips:
+                raise NonFiniteError(f"more than --max-skips {args.max_skips} steps had a non-finite loss or "
+                                     f"gradient (the last at step {step}, loss {value:.4g}). Try: {ADVICE}")
             continue
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), args.grad_clip)
         opt.step()
         if ema is not None:
             with torch.no_grad():
@@ -251,8 +302,12 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == args.steps:
             nats, bpd = evaluate(step, loss.item())
             bar.set_postfix(loss=f"{loss_ema:.4g}", nll=f"{nats:.4f}", **({"bpd": f"{bpd:.3f}"} if bpd else {}))
-            save_checkpoint(ckpt_path, {"model": flow.state_dict(), "ema": ema.state_dict() if ema else None,
-                                        "opt": opt.state_dict(), "args": vars(args), "step": step})
+            state = {"model": flow.state_dict(), "ema": ema.state_dict() if ema else None,
+                     "opt": opt.state_dict(), "args": vars(args), "step": step}
+            if not all_finite(list(state["model"].values()) + (list(state["ema"].values()) if ema else [])):
+                raise NonFiniteError(f"the weights at step {step} are non-finite; stopped without saving them. "
+                                     f"Try: {ADVICE}")
+            save_checkpoint(ckpt_path, state)
         else:
             writer.writerow([step, f"{loss.item():.6g}", "", "", f"{time.time() - t0:.2f}"])
     if not history:
