@@ -20,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from eqm import validate as V  # noqa: E402
 from eqm.ebflow.losses import LOSSES, compute_loss  # noqa: E402
 from eqm.ebflow.models import fc_flow  # noqa: E402
 
@@ -87,6 +88,8 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--csv", default=None, help="default: next to --json, or bench/results/ebflow.csv")
     p.add_argument("--png", default=None, help="default: next to the CSV")
+    V.apply_types(p, dict(dims=V.number(int, lo=2), batch_size=V.positive_int, steps=V.positive_int,
+                          warmup=V.nonneg_int, threads=V.positive_int))
     args = p.parse_args(argv)
     bad = [name for name in args.losses if name not in LOSSES]
     if bad:

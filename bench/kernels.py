@@ -20,6 +20,7 @@ import torch.nn.functional as F
 # This file is bench/kernels.py: drop its folder from the path so `import kernels` finds the package.
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 import kernels  # noqa: E402
+from eqm import validate as V  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -101,7 +102,7 @@ def cases(batch, tokens, hidden, heads, dtype, device):
            (x1, x0, t), xt_bytes, None, None)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=None, help="default 32 on GPU, 2 on CPU")
     parser.add_argument("--tokens", type=int, default=256)
@@ -112,7 +113,11 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--all-impls", action="store_true",
                         help="on CPU, time every implementation too (Triton via TRITON_INTERPRET=1: a slow smoke test)")
-    args = parser.parse_args()
+    V.apply_types(parser, dict(batch=V.positive_int, tokens=V.positive_int, hidden=V.positive_int,
+                               heads=V.positive_int))
+    args = parser.parse_args(argv)
+    if args.hidden % args.heads:
+        parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eqm import validate as V  # noqa: E402
 from eqm.distributed import resolve_device  # noqa: E402
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,  # noqa: E402
                       set_precision, train_flops_per_image)
@@ -252,7 +253,13 @@ def get_parser():
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="bar chart of the table (default: beside --json)")
     p.add_argument("--seed", type=int, default=0)
-    return p
+    return V.apply_types(p, NUMERIC_FLAGS)
+
+
+NUMERIC_FLAGS = dict(image_size=V.positive_int, batch_size=V.positive_int, sample_batch_size=V.positive_int,
+                     sample_steps=V.number(int, lo=2, hint=" (steps - 1 updates)"), cfg_scale=V.nonneg_float,
+                     train_iters=V.positive_int, warmup=V.nonneg_int, rounds=V.positive_int,
+                     graph_block=V.positive_int, seed=V.seed)
 
 
 def resolve(args):
@@ -268,6 +275,10 @@ def resolve(args):
         raise SystemExit(f"--image-size must be a multiple of 8 (the VAE factor), got {args.image_size}")
     if args.sample_steps < 2:
         raise SystemExit("--sample-steps must be >= 2 (steps - 1 updates)")
+    patch = int(args.model.split("/")[-1])
+    if (args.image_size // 8) % patch:
+        raise SystemExit(f"--image-size {args.image_size} gives {args.image_size // 8}x{args.image_size // 8} latents, "
+                         f"not divisible by the patch size {patch} of {args.model}")
     return device
 
 

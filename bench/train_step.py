@@ -12,6 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eqm import validate as V  # noqa: E402
 from eqm.models import EqM_models  # noqa: E402
 from eqm.distributed import resolve_device  # noqa: E402
 from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
@@ -19,7 +20,7 @@ from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="EqM-S/2")
+    p.add_argument("--model", default="EqM-S/2", choices=list(EqM_models))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=4)
@@ -31,7 +32,13 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the forward + loss, as eqm-train --compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    V.apply_types(p, dict(batch_size=V.positive_int, input_size=V.positive_int, channels=V.positive_int,
+                          num_classes=V.positive_int, steps=V.positive_int, warmup=V.nonneg_int,
+                          threads=V.positive_int))
     args = p.parse_args(argv)
+    patch = int(args.model.split("/")[-1])
+    if args.input_size % patch:
+        p.error(f"--input-size {args.input_size} is not divisible by the patch size {patch} of {args.model}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

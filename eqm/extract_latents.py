@@ -155,16 +155,43 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
     p.add_argument("--num-workers", type=int, default=4, help="decode workers per rank")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    return p.parse_args(argv)
+    from eqm import distributed, validate as V
+
+    distributed.add_timeout_arg(p)
+    V.apply_types(p, dict(image_size=V.positive_int, batch_size=V.positive_int, shard_size=V.positive_int,
+                          seed=V.seed, num_workers=V.nonneg_int))
+    args = p.parse_args(argv)
+    if args.image_size % 8:
+        p.error(f"--image-size {args.image_size} must be divisible by 8 (the VAE downsamples by 8)")
+    return args
 
 
 def main(argv=None):
     from eqm import distributed
-    from eqm.vae import load_vae
 
     args = get_args(argv)
-    info = distributed.setup(args.device)
-    vae = load_vae(args.vae, info.device)
+    info = distributed.setup(args.device, args.dist_timeout)
+    try:
+        _run(args, info)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"eqm-extract-latents: error: {e}") from None
+    except RuntimeError as e:
+        line = distributed.peer_failure_message(e, args.dist_timeout)
+        if line is None:
+            raise
+        raise SystemExit(f"eqm-extract-latents: error: {line}") from None
+    finally:
+        distributed.cleanup()
+
+
+def _run(args, info):
+    from eqm import distributed
+    from eqm.vae import load_vae
+
+    try:
+        vae = load_vae(args.vae, info.device)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
     extract_latents(args.data_path, args.out, vae, args.vae, image_size=args.image_size, flip_both=args.flip_both,
                     batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, seed=args.seed,
                     rank=info.rank, world_size=info.world_size, num_workers=args.num_workers, device=info.device)
@@ -172,10 +199,9 @@ def main(argv=None):
     if info.is_main:
         manifest = write_manifest(args.out)
         if manifest is None:
-            raise RuntimeError(f"some shards of {args.out!r} are missing after extraction; re-run the same command")
+            raise ValueError(f"some shards of {args.out!r} are missing after extraction; re-run the same command")
         print(f"wrote {manifest['count']} latents {manifest['latent_shape']} in {len(manifest['shards'])} shards "
               f"to {args.out}")
-    distributed.cleanup()
 
 
 if __name__ == "__main__":
