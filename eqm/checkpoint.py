@@ -149,12 +149,12 @@ def load_checkpoint(path, map_location="cpu", kind=None):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: we never do that
-        why = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), "")
-        if "Unsupported global" not in why:
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if why is None:
             raise CheckpointError(f"{path} is not a torch.save checkpoint (a plain pickle?)") from None
+        why = why.replace("WeightsUnpickler error: ", "").split(". Please")[0]
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors, plain containers "
-                              "and argparse.Namespace, which could run code when unpickled "
-                              f"({why.split('. Please')[0]})") from None
+                              f"and argparse.Namespace, which could run code when unpickled ({why})") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch.save file ({first})") from None
