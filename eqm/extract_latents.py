@@ -175,6 +175,10 @@ def main(argv=None):
         _run(args, info)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"eqm-extract-latents: error: {e}") from None
+    except OSError as e:
+        from eqm.utils import os_error_line
+
+        raise SystemExit(f"eqm-extract-latents: error: {os_error_line(e)}") from None
     except RuntimeError as e:
         line = distributed.peer_failure_message(e, args.dist_timeout)
         if line is None:

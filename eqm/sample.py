@@ -22,7 +22,7 @@ from eqm.graph_sampler import sample_fast
 from eqm.models import EqM_models
 from eqm.samplers import sample
 from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, fill_defaults, str2bool
-from eqm.utils import create_logger, find_outputs, save_image_grid, to_uint8
+from eqm.utils import create_logger, find_outputs, os_error_line, save_image_grid, to_uint8
 
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
                           num_fid_samples=50_000, cfg_scale=4.0, stepsize=0.0017)
@@ -165,6 +165,8 @@ def main(argv=None):
     dist_info = distributed.setup(args.device, args.dist_timeout)
     try:
         return run(args, ckpt, dist_info)
+    except OSError as e:
+        raise SystemExit(f"eqm-sample: error: {os_error_line(e)}") from None
     except RuntimeError as e:
         line = distributed.peer_failure_message(e, args.dist_timeout)
         if line is None:

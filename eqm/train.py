@@ -23,7 +23,7 @@ from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, NonFiniteGuard,
 from eqm.models import EqM_models
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
-from eqm.utils import claim_run_dir, create_logger, format_config, save_image_grid
+from eqm.utils import claim_run_dir, create_logger, format_config, os_error_line, save_image_grid
 
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
 
@@ -264,6 +264,8 @@ def main(argv=None):
         return train(args, dist_info)
     except (SetupError, CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"eqm-train: error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"eqm-train: error: {os_error_line(e)}") from None
     except RuntimeError as e:
         line = distributed.peer_failure_message(e, args.dist_timeout)
         if line is None:

@@ -70,6 +70,12 @@ def format_config(args, keys=None):
     return "\n".join(f"  {k:<{width}} = {d[k]}" for k in keys)
 
 
+def os_error_line(err):
+    """One line for an OSError from the file system (read-only folder, full disk, ...)."""
+    where = f": {err.filename}" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}{where} (check that the folder is writable and the disk has space)"
+
+
 def claim_run_dir(results_dir, name):
     """Create and return results_dir/<index:03d>-<name> with index = 1 + the largest index there.
 

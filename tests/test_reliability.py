@@ -146,6 +146,25 @@ def test_bench_flags_rejected(capsys):
         assert e.value.code == 2
 
 
+def test_nan_training_grid_is_not_written(tmp_path, monkeypatch):
+    from eqm import samplers
+
+    monkeypatch.setattr(samplers, "sample", lambda model, x, *a, **k: torch.full_like(x, float("nan")))
+    s = train.main(TINY[:-2] + ["--results-dir", str(tmp_path / "res"), "--max-steps", "2", "--sample-every", "2",
+                                "--sample-steps", "2"])
+    assert s["sample_grid"] is None and not os.path.exists(os.path.join(s["experiment_dir"], "samples"))
+    assert "sample grid at step 2 is non-finite" in open(os.path.join(s["experiment_dir"], "log.txt")).read()
+    assert s["checkpoint"] is not None  # the run itself is fine
+
+
+def test_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    def full(path, state):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full)
+    msg = one_line_exit(capsys, run_train, tmp_path, "--max-steps", "1")
+    assert "No space left on device" in msg and "0000001.pt" in msg
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def _bad_files(tmp_path, good):

@@ -220,6 +220,10 @@ def main(argv=None):
         return train(args)
     except (CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"ebflow: error: {e}") from None
+    except OSError as e:
+        from eqm.utils import os_error_line
+
+        raise SystemExit(f"ebflow: error: {os_error_line(e)}") from None
 
 
 def train(args):
