@@ -117,12 +117,14 @@ def resolve_args(args, parser, ckpt_args):
 
 def prepare_folder(folder, overwrite):
     """Create --folder; with older samples in it, delete them (overwrite) or return why not (else None)."""
-    old = find_outputs(folder)
+    old = [os.path.join(folder, f) for f in find_outputs(folder)]
+    npz = os.path.normpath(folder) + ".npz"
+    old += [npz] if os.path.exists(npz) else []
     if old and not overwrite:
         return (f"--folder {folder} already holds {len(old)} files from an earlier run (e.g. {old[0]}): "
                 "pass --overwrite to replace them, or choose a new --folder")
     for f in old:
-        os.remove(os.path.join(folder, f))
+        os.remove(f)
     os.makedirs(folder, exist_ok=True)
     return None
 

@@ -94,7 +94,7 @@ def claim_run_dir(results_dir, name):
             index += 1
 
 
-def find_outputs(folder, pattern=r"\d{6}\.png|samples\.npz|grid\.png"):
+def find_outputs(folder, pattern=r"\d{6}\.png|grid\.png"):
     """Files in `folder` that an earlier sampling run wrote (sorted); [] for a missing or clean folder."""
     if not os.path.isdir(folder):
         return []
