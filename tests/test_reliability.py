@@ -113,6 +113,7 @@ BAD_FLAGS = {
                ("--mu", "-0.3"), ("--cfg-scale", "nan"), ("--stop-grad-norm", "-1"), ("--global-seed", "-1")],
     "ebflow": [("--grad-clip", "-1"), ("--ema", "1.5"), ("--sigma", "0"), ("--eps", "-0.1"), ("--lam", "nan"),
                ("--slices", "0"), ("--n-train", "0"), ("--hidden", "0"), ("--kernel-size", "4")],
+    "extract": [("--image-size", "100"), ("--batch-size", "0"), ("--shard-size", "-1"), ("--num-workers", "-2")],
 }
 
 
@@ -125,8 +126,11 @@ def test_bad_numeric_flags_rejected_when_parsed(cli, flag, value, capsys):
         parser = sample.get_parser()
         call = lambda: sample.resolve_args(parser.parse_args(["--data-path", "digits", flag, value]),  # noqa: E731
                                            parser, {})
-    else:
+    elif cli == "ebflow":
         call = lambda: ebflow_train.parse_args(FLOW + [flag, value])  # noqa: E731
+    else:
+        from eqm import extract_latents
+        call = lambda: extract_latents.get_args(["--data-path", "x", "--out", "y", flag, value])  # noqa: E731
     with pytest.raises(SystemExit) as e:
         call()
     err = capsys.readouterr().err.strip().splitlines()
@@ -285,13 +289,15 @@ def test_nan_samples_are_never_written(tmp_path, eqm_ckpt, capsys):
 
 # --------------------------------------------------------------------------------------------- distributed
 
-def _frozen_peer(rank, port, out):
+def _failing_peer(rank, port, out, how):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from eqm import distributed
 
     distributed.setup("cpu", timeout_min=0.05)  # 3 s
     if rank == 1:
+        if how == "dies":
+            os._exit(1)
         time.sleep(60)  # frozen
         return
     t = time.time()
@@ -305,13 +311,14 @@ def _frozen_peer(rank, port, out):
     os._exit(0)  # leaving the group would wait for the frozen peer
 
 
-def test_frozen_rank_fails_the_others_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("how", ["freezes", "dies"])
+def test_a_rank_that_freezes_or_dies_fails_the_others_within_the_timeout(tmp_path, how):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "rank0.txt")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_frozen_peer, args=(r, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=_failing_peer, args=(r, port, out, how)) for r in range(2)]
     for p in procs:
         p.start()
     try:
