@@ -76,9 +76,9 @@ class NonFiniteGuard:
         raise NonFiniteError(message(step, first[1], first[2], where))
 
 
-def message(step, loss, norm=None, where=""):
+def message(step, loss, norm=None, where="", advice=ADVICE):
     """The one-line report of a non-finite step."""
     what = f"loss {loss:.4g}" if not math.isfinite(loss) or norm is None or math.isfinite(norm) else \
         f"loss {loss:.4g} with gradient norm {norm:.4g}"
     at = f" (found {where})" if where else ""
-    return f"non-finite training at step {step}: {what}{at}; stopped without saving it. Try: {ADVICE}"
+    return f"non-finite training at step {step}: {what}{at}; stopped without saving it. Try: {advice}"

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from eqm import validate as V
 from eqm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from eqm.distributed import resolve_device
-from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, all_finite, grad_norm, message
+from eqm.guard import NONFINITE_CHOICES, NonFiniteError, all_finite, grad_norm, message
 
 from .data import TOYS, load_data
 from .losses import LOSSES, compute_loss
@@ -26,6 +26,7 @@ from .preprocess import MaP, nll
 
 
 LIKELIHOOD_LOSSES = ("ml", "sml")
+ADVICE = "lower --lr, keep --grad-clip on (e.g. 10), or check the data for NaN/inf"
 NUMERIC_FLAGS = dict(lr=V.positive_float, batch_size=V.positive_int, steps=V.positive_int, ema=V.unit_interval,
                      grad_clip=V.nonneg_float, eval_every=V.positive_int, seed=V.seed, sigma=V.positive_float,
                      eps=V.positive_float, slices=V.positive_int, lam=V.finite_float,
@@ -287,7 +288,7 @@ def train(args):
         if norm is None or not torch.isfinite(norm):
             value = loss.item()
             if args.on_nonfinite == "stop":
-                raise NonFiniteError(message(step, value, None if norm is None else norm.item()))
+                raise NonFiniteError(message(step, value, None if norm is None else norm.item(), advice=ADVICE))
             skipped += 1
             opt.zero_grad(set_to_none=True)
             if skipped > args.max_skips:
