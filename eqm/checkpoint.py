@@ -241,7 +241,7 @@ def load_model_state(model, path_or_dict, prefer="ema", strict=True):
         have, want = describe_state_dict(sd), describe_state_dict(model_sd)
         head = (f"checkpoint is {have} but model is {want}" if have != want
                 else f"checkpoint and model are both {have} but differ")
-        raise ValueError(head + ":\n  " + "\n  ".join(details))
+        raise ValueError(head + ": " + "; ".join(details))  # one line
     model.load_state_dict(sd, strict=strict)
     return source
 

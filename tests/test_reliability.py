@@ -195,6 +195,11 @@ class Evil:
 def test_every_bad_checkpoint_gets_one_line(cli, tmp_path, eqm_ckpt, ebflow_ckpt, capsys):
     files = _bad_files(tmp_path, eqm_ckpt)
     files["other trainer"] = ebflow_ckpt if cli != "ebflow" else eqm_ckpt
+    if cli == "train":  # the sampler takes its model from the checkpoint; the trainer from --model
+        from eqm.models import EqM_models
+        files["other model"] = tmp_path / "ti2.pt"
+        checkpoint.save_checkpoint(files["other model"], {"ema": EqM_models["EqM-Ti/2"](
+            input_size=4, in_channels=1, num_classes=10).state_dict()})
     for what, path in files.items():
         if cli == "train":
             args = (tmp_path / what.replace(" ", "_"), "--max-steps", "1", "--ckpt", str(path))
@@ -208,7 +213,8 @@ def test_every_bad_checkpoint_gets_one_line(cli, tmp_path, eqm_ckpt, ebflow_ckpt
         assert str(path) in msg and "weights_only=False" not in msg, (what, msg)
         expect = {"missing": "not found", "folder": "is a folder", "empty": "empty", "truncated": "truncated",
                   "text": "not a PyTorch checkpoint", "list": "holds a list", "malicious": "refusing to load",
-                  "other trainer": "EBFlow" if cli != "ebflow" else "EqM"}[what]
+                  "other trainer": "EBFlow" if cli != "ebflow" else "EqM",
+                  "other model": "checkpoint is EqM-Ti/2 (hidden 192, depth 6, patch 2) but model is EqM-Ti/4"}[what]
         assert expect in msg, (what, msg)
 
 
