@@ -10,6 +10,7 @@ temporary name and renamed, and shard_XXXXX.json is written last, so an interrup
 skipping finished shards. The manifest (latents.json) appears only when every shard is done.
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -42,6 +43,14 @@ def _commit_npy(arr, tmp, path):
     os.replace(tmp, path)
 
 
+def remove_stale_temps(out, shards):
+    """Delete the temp files that a killed run left for these shards (only this rank writes them)."""
+    for k in shards:
+        for kind in ("latents", "flip", "labels", "shard"):
+            for tmp in glob.glob(glob.escape(os.path.join(out, shard_name(kind, k))) + ".tmp*"):
+                os.remove(tmp)
+
+
 def _list_digest(samples, root):
     h = hashlib.sha1()
     for p, label in samples:
@@ -71,6 +80,7 @@ def extract_latents(data_path, out, vae, vae_name, image_size=256, flip_both=Fal
                   flip_both=flip_both, shard_size=shard_size, seed=seed, count=n, classes=dataset.classes,
                   files_sha1=_list_digest(dataset.samples, data_path))
     mine = [k for k in range(num_shards) if k % world_size == rank]
+    remove_stale_temps(out, mine)
     todo = []
     for k in mine:
         done = os.path.join(out, shard_name("shard", k))

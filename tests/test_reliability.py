@@ -234,6 +234,20 @@ def test_stale_temp_files_cleaned_on_next_write(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["0000002.pt", alive.name])
 
 
+def test_stale_latent_shard_temps_cleaned_on_next_run(tmp_path):
+    from eqm import extract_latents
+
+    out = tmp_path / "lat"
+    out.mkdir()
+    stale = [out / "latents_00000.npy.tmp4242.npy", out / "labels_00001.npy.tmp4242.npy", out / "shard_00000.json.tmp7"]
+    for f in stale:
+        f.write_bytes(b"x" * 100)
+    keep = out / "latents_00002.npy.tmp4242.npy"  # another rank's shard
+    keep.write_bytes(b"x")
+    extract_latents.remove_stale_temps(str(out), [0, 1])
+    assert sorted(os.listdir(out)) == [keep.name]
+
+
 # ------------------------------------------------------------------------------------------- output folders
 
 def test_run_folder_index_never_reused_after_deletion(tmp_path):
