@@ -8,14 +8,15 @@ import triton
 # so the flag is read once here and must be set before the first `import triton` (tests/conftest.py).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Devices whose tensors go to Triton: CUDA, the CPU under the interpreter (kernels.aot adds "meta").
+TRITON_DEVICES = {"cuda", "cpu"} if INTERPRET else {"cuda"}
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernel should run on these tensors, False for the PyTorch reference."""
     if any(t.dtype not in KERNEL_DTYPES for t in tensors):
         return False  # float64 (gradcheck) and exotic dtypes take the reference path
-    device = tensors[0].device.type
-    return device == "cuda" or (device == "cpu" and INTERPRET)
+    return tensors[0].device.type in TRITON_DEVICES
 
 
 def row_block(n: int) -> int:

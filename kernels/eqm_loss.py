@@ -227,6 +227,10 @@ def _interp_op(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, a: float, la
     if not use_triton(x1, x0):
         out = eqm_interpolate_reference(x1, x0, t, a, lam, with_target)
         return [o.contiguous() for o in out] if with_target else [out.contiguous(), x1.new_empty(0)]
+    return _launch_interpolate(x1, x0, t, a, lam, with_target)
+
+
+def _launch_interpolate(x1, x0, t, a, lam, with_target):
     N, dtype = x1.shape[0], _out_dtype(x1, x0, t)
     x1f, x0f = _flat(x1), _flat(x0)
     M = x1f.shape[1]

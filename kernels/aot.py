@@ -1,0 +1,304 @@
+"""Compile check without a GPU: every kernel variant the model launches, built for sm_90 / sm_80 on a CPU.
+
+    python -m kernels.aot --arch 90 [--precision bf16] [--model EqM-XL/2] [--kernel attention]
+
+Triton's driver is replaced by a stand-in that reports the chosen GPU target; the real host wrappers
+run on `meta` tensors strided as the model lays them out (q/k/v as views of the qkv output, adaLN
+vectors as chunk views, the learn_sigma slice) at batch 256, and every kernel launch they make is
+compiled instead of launched: every autotune config, ttir -> ptx -> cubin with the ptxas in the
+Triton wheel. One line per variant: shared memory, registers, spills, MMA instruction, global load
+width, pipelining. Exit status 1 on a compile error, a resource limit exceeded, a spill, or a dot
+kernel without 16-byte pipelined loads (or without tensor cores).
+"""
+import argparse
+import contextlib
+import importlib
+import io
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+# (arch) -> (shared memory per block opt-in, registers per SM), from the CUDA occupancy tables
+LIMITS = {90: (232448, 65536), 80: (166912, 65536)}
+MODELS = ("EqM-XL/2", "EqM-B/2")
+PRECISIONS = ("bf16", "tf32", "fp32")
+BATCH = 256
+
+
+@dataclass
+class Variant:
+    """One compiled kernel: where it came from and what the compiler made of it."""
+    kernel: str
+    shape: str
+    config: str
+    shared: int = 0
+    regs: int = 0
+    spill: int = 0
+    warps: int = 0
+    mma: str = "-"
+    load_bytes: int = 0
+    pipelined: str = "no"
+    has_dot: bool = False
+    seconds: float = 0.0
+    error: str = ""
+
+    def problems(self, arch):
+        """Reasons this variant fails the check (empty when it passes)."""
+        if self.error:
+            return [self.error]
+        smem_limit, reg_file = LIMITS[arch]
+        out = []
+        if self.shared > smem_limit:
+            out.append(f"shared memory {self.shared} > {smem_limit}")
+        if self.regs * 32 * self.warps > reg_file:
+            out.append(f"{self.regs} registers x {32 * self.warps} threads > {reg_file}")
+        if self.spill:
+            out.append(f"{self.spill} bytes spilled")
+        if self.has_dot and self.mma == "fma":
+            out.append("dot on FMA units, not tensor cores")
+        if self.has_dot and not (self.load_bytes >= 16 and self.pipelined != "no"):
+            out.append("dot loop without 16-byte pipelined loads")
+        return out
+
+    def line(self, arch):
+        bad = self.problems(arch)
+        status = "FAIL " + "; ".join(bad) if bad else "ok"
+        return (f"{self.kernel:<14s} {self.shape:<28s} {self.config:<22s} smem {self.shared:>6d}  "
+                f"regs {self.regs:>3d}  spill {self.spill:>4d}  mma {self.mma:<8s} "
+                f"ld {self.load_bytes:>2d}B  pipe {self.pipelined:<8s} {self.seconds:5.1f}s  {status}")
+
+
+# ---------------------------------------------------------------- PTX inspection
+def inspect_ptx(ptx: str):
+    """(MMA instruction, tile load width in bytes, pipelining) read from PTX text.
+
+    Triton emits asynchronous copies (cp.async, or TMA's cp.async.bulk) only when its software
+    pipeliner multi-buffers a loop's loads, so their presence means the loop is pipelined; the load
+    width is then the narrowest of those copies, else the widest plain global load.
+    """
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
+    if "cp.async.bulk" in ptx:
+        return mma, 16, "tma"
+    copies = [int(n) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(\d+)\s*[,;]", ptx)]
+    if copies:
+        return mma, min(copies), "cp.async"
+    bits = {"8": 1, "16": 2, "32": 4, "64": 8}
+    widths = [int(vec or 1) * bits[b] for vec, b in
+              re.findall(r"ld\.global(?:\.[a-z0-9:]+)*?(?:\.v(\d))?\.[bfus](8|16|32|64)\s", ptx)]
+    return mma, max(widths, default=0), "no"
+
+
+def parse_ptxas(log: str):
+    """(registers, spill bytes) from a `ptxas -v` log."""
+    regs = [int(n) for n in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return max(regs, default=0), max(spills, default=0)
+
+
+# ---------------------------------------------------------------- stand-in driver and launch capture
+class _StandInDriver:
+    """Enough of Triton's driver to compile for a GPU target on a machine without one."""
+
+    def __init__(self, arch):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        import torch
+        return torch.device("meta")
+
+    def get_benchmarker(self):
+        raise RuntimeError("the compile check never benchmarks")
+
+
+class _Ptr:
+    """A meta tensor as the launcher sees it: dtype and a 16-byte-aligned base plus the view's offset."""
+
+    def __init__(self, t):
+        self.dtype = t.dtype
+        self._ptr = (1 << 20) + t.storage_offset() * t.element_size()
+
+    def data_ptr(self):
+        return self._ptr
+
+
+def _capture(launches):
+    """Context: JITFunction/Autotuner launches are recorded in `launches`, never compiled or run."""
+    import torch
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    def wrap(args, kwargs):
+        return ([_Ptr(a) if isinstance(a, torch.Tensor) else a for a in args], dict(kwargs))
+
+    def jit_run(self, *args, grid, warmup=False, **kwargs):
+        launches.append((self, [None], *wrap(args, kwargs)))
+
+    def tuner_run(self, *args, **kwargs):
+        kwargs.pop("grid", None)
+        kwargs.pop("warmup", None)
+        launches.append((self.fn, self.configs, *wrap(args, kwargs)))
+
+    stack = contextlib.ExitStack()
+    for cls, fn in ((JITFunction, jit_run), (Autotuner, tuner_run)):
+        old = cls.run
+        setattr(cls, "run", fn)
+        stack.callback(setattr, cls, "run", old)
+    return stack
+
+
+# ---------------------------------------------------------------- the model's kernel calls, on meta tensors
+def _model_calls(name, precision, only=None):
+    """Run the host wrappers as the model does at `name` shapes; returns [(kernel label, shape label)] per call."""
+    import torch
+    from eqm.models import EqM_configs
+    # (importlib: the package attributes `attention` and `eqm_loss` are the public functions, not the modules)
+    adaln, attention, eqm_loss = (importlib.import_module(f"{__package__}.{m}") for m in ("adaln", "attention", "eqm_loss"))
+
+    _, D, H, p = EqM_configs[name]
+    C, T = 4, (32 // p) ** 2  # 4-channel 32x32 latents (256 px images)
+    act = torch.bfloat16 if precision == "bf16" else torch.float32
+    f32 = torch.float32
+    meta = dict(device="meta")
+    calls = []
+
+    def run(label, fn):
+        if only is None or label.startswith(only):
+            calls.append(label)
+            fn()
+
+    def attn():  # q, k, v: views of the qkv Linear output, as Attention.forward makes them
+        qkv = torch.empty(BATCH, T, 3 * D, dtype=act, **meta)
+        q, k, v = qkv.reshape(BATCH, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        o, lse = attention._launch_forward(q, k, v, (D // H) ** -0.5)
+        attention._launch_backward(q, k, v, o, lse, torch.empty_like(o), (D // H) ** -0.5)
+
+    def adaln_calls():  # shift/scale/gate: chunks of the adaLN Linear output; residual stream fp32
+        c = torch.empty(BATCH, 6 * D, dtype=act, **meta)
+        shift, scale, gate, shift2, scale2, _ = c.chunk(6, dim=1)
+        x = torch.empty(BATCH, T, D, dtype=f32, **meta)
+        y = torch.empty(BATCH, T, D, dtype=act, **meta)  # branch output (attention proj / fc2)
+        _, h = adaln._launch_forward(x, None, None, shift, scale, 1e-6)
+        r, h = adaln._launch_forward(x, gate, y, shift2, scale2, 1e-6)
+        adaln._launch_backward(x, None, None, scale, torch.empty_like(h), None, 1e-6)
+        adaln._launch_backward(x, gate, y, scale2, torch.empty_like(h), torch.empty_like(r), 1e-6)
+
+    def loss():  # latents fp32; pred: the first C channels of the learn_sigma head, unpatchified
+        x1 = torch.empty(BATCH, C, 32, 32, dtype=f32, **meta)
+        x0, t = torch.empty_like(x1), torch.empty(BATCH, dtype=f32, **meta)
+        eqm_loss._launch_interpolate(x1, x0, t, 0.8, 4.0, True)
+        head = torch.empty(BATCH, T, p * p * 2 * C, dtype=act, **meta)
+        pred = head.reshape(BATCH, 32 // p, 32 // p, p, p, 2 * C).permute(0, 5, 1, 3, 2, 4).reshape(
+            BATCH, 2 * C, 32, 32)[:, :C]
+        eqm_loss._launch_loss_forward(pred, x1, x0, t, 0.8, 4.0)
+        eqm_loss._launch_loss_backward(pred, x1, x0, t, torch.empty_like(t), 0.8, 4.0, False, False)
+
+    with torch.autocast("cpu", enabled=False):
+        run("attention", attn)
+        run("adaln", adaln_calls)
+        run("eqm_loss", loss)
+    return f"{name} B={BATCH} T={T} D={D} H={H} {precision}"
+
+
+def _labels(fn, kwargs):
+    """(kernel name, its specialising constexprs, its tiling) for one line of the report."""
+    name = fn.fn.__name__.strip("_").replace("_kernel", "")
+    consts = " ".join(f"{k}={v}" for k, v in kwargs.items()
+                      if k.isupper() and not k.startswith("BLOCK_") and k not in ("UPCAST", "ROWS"))
+    tiles = [f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in kwargs.items()
+             if k.startswith("BLOCK_") or k == "ROWS"]
+    tiles += [f"{k[4]}={kwargs[k]}" for k in ("num_warps", "num_stages") if k in kwargs]
+    return name, consts, " ".join(tiles)
+
+
+def compile_variant(fn, config, args, kwargs, arch):
+    """Compile one launch with one autotune config for `arch`; returns the Variant."""
+    import triton
+    from triton import knobs
+
+    kw = dict(kwargs)
+    if config is not None:
+        kw.update(config.all_kwargs())
+    kw = {k: v for k, v in kw.items() if k not in ("num_ctas", "maxnreg", "pre_hook", "ir_override") or v}
+    v = Variant(*_labels(fn, kw))
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log), knobs.nvidia.scope():
+            knobs.nvidia.dump_ptxas_log = True
+            kernel = fn.run(*args, grid=(1,), warmup=True, **kw)
+    except Exception as e:  # noqa: BLE001 -- any compiler failure is a failed variant, reported on its line
+        v.error = f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return v
+    v.seconds = time.perf_counter() - start
+    v.regs, v.spill = parse_ptxas(log.getvalue())
+    v.shared, v.warps = kernel.metadata.shared, kernel.metadata.num_warps
+    v.mma, v.load_bytes, v.pipelined = inspect_ptx(kernel.asm["ptx"])
+    v.has_dot = "tt.dot" in kernel.asm["ttir"]
+    if not v.has_dot:
+        v.mma = "-"
+    del triton
+    return v
+
+
+def check(arch, models=MODELS, precisions=("bf16",), only=None, out=sys.stdout):
+    """Compile every variant for `arch`; print one line each; returns the list of Variants."""
+    from triton.runtime.driver import driver
+    from . import _dispatch
+
+    driver.set_active(_StandInDriver(arch))
+    _dispatch.TRITON_DEVICES.add("meta")
+    variants, seen = [], set()
+    for precision in precisions:
+        for name in models:
+            launches = []
+            with _capture(launches):
+                header = _model_calls(name, precision, only)
+            print(f"# sm_{arch} {header}", file=out, flush=True)
+            for fn, configs, args, kwargs in launches:
+                for config in configs:
+                    v = compile_variant(fn, config, args, kwargs, arch)
+                    key = (v.kernel, v.shape, v.config, v.error)
+                    if key in seen:  # the same kernel at the same constexprs (e.g. two adaLN calls)
+                        continue
+                    seen.add(key)
+                    variants.append(v)
+                    print(v.line(arch), file=out, flush=True)
+    return variants
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, choices=sorted(LIMITS), nargs="+", default=[90])
+    p.add_argument("--precision", choices=PRECISIONS + ("all",), default="all")
+    p.add_argument("--model", choices=MODELS + ("all",), default="all")
+    p.add_argument("--kernel", choices=("attention", "adaln", "eqm_loss"), default=None,
+                   help="only this kernel family (default: all)")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter was chosen at import: restart without it
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *(argv or sys.argv[1:])], env)
+    precisions = PRECISIONS if args.precision == "all" else (args.precision,)
+    models = MODELS if args.model == "all" else (args.model,)
+    failed = total = 0
+    for arch in args.arch:
+        variants = check(arch, models, precisions, args.kernel)
+        total += len(variants)
+        failed += sum(bool(v.problems(arch)) for v in variants)
+    print(f"{total} variants, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
