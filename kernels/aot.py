@@ -39,6 +39,7 @@ class Variant:
     warps: int = 0
     mma: str = "-"
     load_bytes: int = 0
+    loads_ok: bool = True
     pipelined: str = "no"
     has_dot: bool = False
     seconds: float = 0.0
@@ -58,7 +59,7 @@ class Variant:
             out.append(f"{self.spill} bytes spilled")
         if self.has_dot and self.mma == "fma":
             out.append("dot on FMA units, not tensor cores")
-        if self.has_dot and not (self.load_bytes >= 16 and self.pipelined != "no"):
+        if self.has_dot and (self.pipelined == "no" or not self.loads_ok):
             out.append("dot loop without 16-byte pipelined loads")
         return out
 
@@ -71,23 +72,42 @@ class Variant:
 
 
 # ---------------------------------------------------------------- PTX inspection
-def inspect_ptx(ptx: str):
-    """(MMA instruction, tile load width in bytes, pipelining) read from PTX text.
+_BYTES = {"i1": 1, "i8": 1, "fp8e4nv": 1, "fp8e5": 1, "i16": 2, "f16": 2, "bf16": 2, "i32": 4, "f32": 4,
+          "i64": 8, "f64": 8}
 
-    Triton emits asynchronous copies (cp.async, or TMA's cp.async.bulk) only when its software
-    pipeliner multi-buffers a loop's loads, so their presence means the loop is pipelined; the load
-    width is then the narrowest of those copies, else the widest plain global load.
+
+def inspect_copies(ttgir: str, warps: int):
+    """(narrowest pipelined copy in bytes, True when every copy is as wide as alignment allows).
+
+    Triton emits asynchronous copies (cp.async, or TMA) only where its software pipeliner
+    multi-buffers a loop's loads. A copy is as wide as it can be when it moves 16 bytes, or the
+    whole of each thread's share of a small tile (a 64x16 bf16 tile over 256 threads: 8 bytes).
     """
+    widths, ok = [], True
+    for line in ttgir.splitlines():
+        if "async_copy_global_to_local" not in line:
+            continue
+        m = re.search(r"tensor<([0-9x]+)x!tt\.ptr<(\w+)>", line)
+        contiguity = re.search(r"contiguity = (\d+)", line)
+        elems = 1
+        for n in m.group(1).split("x"):
+            elems *= int(n)
+        size = _BYTES.get(m.group(2), 4)
+        width = (int(contiguity.group(1)) if contiguity else 1) * size
+        share = max(1, elems // (32 * warps)) * size
+        widths.append(width)
+        ok &= width >= min(16, share)
+    return min(widths, default=0), ok
+
+
+def inspect_ptx(ptx: str):
+    """(MMA instruction, pipelining, widest plain global load in bytes) read from PTX text."""
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
-    if "cp.async.bulk" in ptx:
-        return mma, 16, "tma"
-    copies = [int(n) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?,\s*(\d+)\s*[,;]", ptx)]
-    if copies:
-        return mma, min(copies), "cp.async"
+    pipe = "tma" if "cp.async.bulk" in ptx else "cp.async" if "cp.async" in ptx else "no"
     bits = {"8": 1, "16": 2, "32": 4, "64": 8}
     widths = [int(vec or 1) * bits[b] for vec, b in
               re.findall(r"ld\.global(?:\.[a-z0-9:]+)*?(?:\.v(\d))?\.[bfus](8|16|32|64)\s", ptx)]
-    return mma, max(widths, default=0), "no"
+    return mma, pipe, max(widths, default=0)
 
 
 def parse_ptxas(log: str):
@@ -204,10 +224,14 @@ def _model_calls(name, precision, only=None):
         eqm_loss._launch_loss_forward(pred, x1, x0, t, 0.8, 4.0)
         eqm_loss._launch_loss_backward(pred, x1, x0, t, torch.empty_like(t), 0.8, 4.0, False, False)
 
-    with torch.autocast("cpu", enabled=False):
+    matmul_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest" if precision == "fp32" else "high")  # as the CLIs set it
+    try:
         run("attention", attn)
         run("adaln", adaln_calls)
         run("eqm_loss", loss)
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
     return f"{name} B={BATCH} T={T} D={D} H={H} {precision}"
 
 
@@ -235,8 +259,9 @@ def compile_variant(fn, config, args, kwargs, arch):
     log = io.StringIO()
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(log), knobs.nvidia.scope():
-            knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(log), knobs.nvidia.scope(), knobs.compilation.scope():
+            knobs.nvidia.dump_ptxas_log = True  # registers and spills (a cached kernel would have no log)
+            knobs.compilation.always_compile = True
             kernel = fn.run(*args, grid=(1,), warmup=True, **kw)
     except Exception as e:  # noqa: BLE001 -- any compiler failure is a failed variant, reported on its line
         v.error = f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -244,7 +269,9 @@ def compile_variant(fn, config, args, kwargs, arch):
     v.seconds = time.perf_counter() - start
     v.regs, v.spill = parse_ptxas(log.getvalue())
     v.shared, v.warps = kernel.metadata.shared, kernel.metadata.num_warps
-    v.mma, v.load_bytes, v.pipelined = inspect_ptx(kernel.asm["ptx"])
+    v.mma, v.pipelined, v.load_bytes = inspect_ptx(kernel.asm["ptx"])
+    if v.pipelined != "no":
+        v.load_bytes, v.loads_ok = inspect_copies(kernel.asm["ttgir"], v.warps)
     v.has_dot = "tt.dot" in kernel.asm["ttir"]
     if not v.has_dot:
         v.mma = "-"
@@ -281,7 +308,7 @@ def check(arch, models=MODELS, precisions=("bf16",), only=None, out=sys.stdout):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, choices=sorted(LIMITS), nargs="+", default=[90])
-    p.add_argument("--precision", choices=PRECISIONS + ("all",), default="all")
+    p.add_argument("--precision", choices=PRECISIONS + ("all",), nargs="+", default=["all"])
     p.add_argument("--model", choices=MODELS + ("all",), default="all")
     p.add_argument("--kernel", choices=("attention", "adaln", "eqm_loss"), default=None,
                    help="only this kernel family (default: all)")
@@ -289,7 +316,7 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter was chosen at import: restart without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *(argv or sys.argv[1:])], env)
-    precisions = PRECISIONS if args.precision == "all" else (args.precision,)
+    precisions = PRECISIONS if "all" in args.precision else tuple(args.precision)
     models = MODELS if args.model == "all" else (args.model,)
     failed = total = 0
     for arch in args.arch:

@@ -2,8 +2,9 @@
 
 softmax(q k^T / sqrt(Dh)) v with an online softmax over key blocks; the forward saves the per-row
 logsumexp so the backward recomputes the probabilities block by block instead of storing them.
-Any N (masked tails); any Dh up to 256 (the block is the next power of two, masked: 72 -> 128).
-fp32 / fp16 / bf16 inputs, fp32 accumulation (fp32 inputs use exact fp32 dots, not tf32).
+Any N (masked tails); any Dh up to 256, as two power-of-two column tiles (72 -> 64 + 16).
+fp32 / fp16 / bf16 inputs, fp32 accumulation, tensor cores throughout: fp32 inputs use TF32 where
+torch allows it (torch.set_float32_matmul_precision("high"), the published setting), else 3xTF32.
 
 Cost for B*H heads of N tokens and head dim Dh:
   forward   4*B*H*N^2*Dh FLOP  (two matmuls), reads q, k, v and writes o: 4*B*H*N*Dh elements
@@ -43,63 +44,89 @@ def _backward_math(q, k, v, do, scale):
 
 
 # ---------------------------------------------------------------- Triton kernels
+# The head dim is split in two column tiles, D_A (a power of two) + D_B (a power of two, or 0), so
+# that a head dim like 72 runs as 64 + 16 columns (10% padding) instead of one 128-column tile (44%).
+# Strides come in units of ALIGN elements (ALIGN * element size = 16 bytes when the host found every
+# stride and base pointer so aligned, else 1): the compiler can then prove 16-byte aligned rows and
+# emits 16-byte, pipelined (cp.async) tile loads even when a head starts at h * 72 elements.
 @triton.jit
-def _load_tile(base, rows, stride_n, cols, N, HEAD_DIM, UPCAST: tl.constexpr):
-    tile = tl.load(base + rows[:, None] * stride_n + cols[None, :],
-                   mask=(rows < N)[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+def _load_cols(base, rows, stride, N, C0: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               UPCAST: tl.constexpr):
+    # tile[r, c] = base[rows[r] * stride + C0 + c], zero outside rows < N and columns < HEAD_DIM
+    cols = C0 + tl.arange(0, BLOCK)
+    mask = (rows < N)[:, None]
+    if C0 + BLOCK > HEAD_DIM:
+        mask = mask & (cols < HEAD_DIM)[None, :]
+    tile = tl.load(base + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
     if UPCAST:  # the interpreter's tl.dot is wrong for bf16
         tile = tile.to(tl.float32)
     return tile
 
 
 @triton.jit
+def _store_cols(base, rows, stride, N, val, C0: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = C0 + tl.arange(0, BLOCK)
+    mask = (rows < N)[:, None]
+    if C0 + BLOCK > HEAD_DIM:
+        mask = mask & (cols < HEAD_DIM)[None, :]
+    tl.store(base + rows[:, None] * stride + cols[None, :], val, mask=mask)
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V,  # (B, H, N, Dh), last dim contiguous, any other strides
+    Q, K, V,  # (B, H, N, Dh), last dim contiguous, other strides (in ALIGN units) below
     O,  # (B, H, N, Dh) contiguous out
     LSE,  # (B, H, N) fp32 out: natural-log logsumexp of the scaled scores per query row
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, N, HEAD_DIM, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    H, N, qk_scale,  # qk_scale = scale * log2(e): the softmax runs in base 2
+    HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b * sqb + h * sqh, rows, sqn, cols_d, N, HEAD_DIM, UPCAST)
-    k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
+    q_base = Q + (b * sqb + h * sqh) * ALIGN
+    k_base, v_base = K + (b * skb + h * skh) * ALIGN, V + (b * svb + h * svh) * ALIGN
+    q_a = _load_cols(q_base, rows, sqn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, D_A], dtype=tl.float32)
+    if D_B > 0:
+        q_b = _load_cols(q_base, rows, sqn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+        acc_b = tl.zeros([BLOCK_M, D_B], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, keys, skn, cols_d, N, HEAD_DIM, UPCAST)
-        v = _load_tile(v_base, keys, svn, cols_d, N, HEAD_DIM, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where((keys < N)[None, :], s, float("-inf"))
+        keys = tl.multiple_of(start, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k_a = _load_cols(k_base, keys, skn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+        if D_B > 0:
+            k_b = _load_cols(k_base, keys, skn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+        s = tl.where((keys < N)[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        v_a = _load_cols(v_base, keys, svn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+        p = p.to(v_a.dtype)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=PRECISION)
+        if D_B > 0:
+            v_b = _load_cols(v_base, keys, svn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    rmask = rows < N
-    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=rmask)
-    o_ptr = O + bh.to(tl.int64) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols_d[None, :]
-    tl.store(o_ptr, acc, mask=rmask[:, None] & (cols_d < HEAD_DIM)[None, :])
+    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=rows < N)
+    o_base = O + bh.to(tl.int64) * N * HEAD_DIM
+    _store_cols(o_base, rows, HEAD_DIM, N, acc_a / l_i[:, None], 0, D_A, HEAD_DIM)
+    if D_B > 0:
+        _store_cols(o_base, rows, HEAD_DIM, N, acc_b / l_i[:, None], D_A, D_B, HEAD_DIM)
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, N, HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attn_bwd_delta_kernel(O, DO, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # delta = rowsum(do * o), (B*H, N) fp32; o and do are contiguous (B, H, N, Dh).
     pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (rows < N)[:, None] & (cols < HEAD_DIM)[None, :]
-    offs = bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols[None, :]
-    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    o = _load_cols(O + bh * N * HEAD_DIM, rows, HEAD_DIM, N, 0, BLOCK_D, HEAD_DIM, False).to(tl.float32)
+    do = _load_cols(DO + bh * N * HEAD_DIM, rows, HEAD_DIM, N, 0, BLOCK_D, HEAD_DIM, False).to(tl.float32)
     tl.store(DELTA + bh * N + rows, tl.sum(o * do, axis=1), mask=rows < N)
 
 
@@ -110,39 +137,55 @@ def _attn_bwd_dkdv_kernel(
     LSE, DELTA,  # (B, H, N) fp32
     DK, DV,  # (B, H, N, Dh) contiguous out
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, N, HEAD_DIM, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program owns a block of keys and loops over all query blocks: no atomics, deterministic.
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     bh = bh.to(tl.int64)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b * skb + h * skh, keys, skn, cols_d, N, HEAD_DIM, UPCAST)
-    v = _load_tile(V + b * svb + h * svh, keys, svn, cols_d, N, HEAD_DIM, UPCAST)
-    q_base, do_base = Q + b * sqb + h * sqh, DO + bh * N * HEAD_DIM
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    k_base, v_base = K + (b * skb + h * skh) * ALIGN, V + (b * svb + h * svh) * ALIGN
+    q_base, do_base = Q + (b * sqb + h * sqh) * ALIGN, DO + bh * N * HEAD_DIM
+    k_a = _load_cols(k_base, keys, skn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+    v_a = _load_cols(v_base, keys, svn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+    dk_a = tl.zeros([BLOCK_N, D_A], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, D_A], dtype=tl.float32)
+    if D_B > 0:
+        k_b = _load_cols(k_base, keys, skn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+        v_b = _load_cols(v_base, keys, svn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+        dk_b = tl.zeros([BLOCK_N, D_B], dtype=tl.float32)
+        dv_b = tl.zeros([BLOCK_N, D_B], dtype=tl.float32)
     for start in range(0, N, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+        rows = tl.multiple_of(start, BLOCK_M) + tl.arange(0, BLOCK_M)
         rmask = rows < N
-        q = _load_tile(q_base, rows, sqn, cols_d, N, HEAD_DIM, UPCAST)
-        do = _load_tile(do_base, rows, HEAD_DIM, cols_d, N, HEAD_DIM, UPCAST)
+        q_a = _load_cols(q_base, rows, sqn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+        do_a = _load_cols(do_base, rows, HEAD_DIM, N, 0, D_A, HEAD_DIM, UPCAST)
         lse = tl.load(LSE + bh * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * N + rows, mask=rmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+        dp = tl.dot(do_a, tl.trans(v_a), input_precision=PRECISION)
+        if D_B > 0:
+            q_b = _load_cols(q_base, rows, sqn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+            do_b = _load_cols(do_base, rows, HEAD_DIM, N, D_A, D_B, HEAD_DIM, UPCAST)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+            dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(rmask[:, None] & (keys < N)[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    out = bh * N * HEAD_DIM + keys[:, None] * HEAD_DIM + cols_d[None, :]
-    mask = (keys < N)[:, None] & (cols_d < HEAD_DIM)[None, :]
-    tl.store(DK + out, dk * sm_scale, mask=mask)
-    tl.store(DV + out, dv, mask=mask)
+        ds = (p * (dp - delta[:, None])).to(q_a.dtype)
+        p = p.to(do_a.dtype)
+        dv_a = tl.dot(tl.trans(p), do_a, dv_a, input_precision=PRECISION)
+        dk_a = tl.dot(tl.trans(ds), q_a, dk_a, input_precision=PRECISION)
+        if D_B > 0:
+            dv_b = tl.dot(tl.trans(p), do_b, dv_b, input_precision=PRECISION)
+            dk_b = tl.dot(tl.trans(ds), q_b, dk_b, input_precision=PRECISION)
+    out = bh * N * HEAD_DIM
+    _store_cols(DK + out, keys, HEAD_DIM, N, dk_a * sm_scale, 0, D_A, HEAD_DIM)
+    _store_cols(DV + out, keys, HEAD_DIM, N, dv_a, 0, D_A, HEAD_DIM)
+    if D_B > 0:
+        _store_cols(DK + out, keys, HEAD_DIM, N, dk_b * sm_scale, D_A, D_B, HEAD_DIM)
+        _store_cols(DV + out, keys, HEAD_DIM, N, dv_b, D_A, D_B, HEAD_DIM)
 
 
 @triton.jit
@@ -150,9 +193,9 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA,  # as in _attn_bwd_dkdv_kernel
     DQ,  # (B, H, N, Dh) contiguous out
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, N, HEAD_DIM, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    H, N, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program owns a block of queries and loops over all key blocks.
     pid_m, bh = tl.program_id(0), tl.program_id(1)
@@ -160,25 +203,38 @@ def _attn_bwd_dq_kernel(
     bh = bh.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    cols_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b * sqb + h * sqh, rows, sqn, cols_d, N, HEAD_DIM, UPCAST)
-    do = _load_tile(DO + bh * N * HEAD_DIM, rows, HEAD_DIM, cols_d, N, HEAD_DIM, UPCAST)
+    q_base, do_base = Q + (b * sqb + h * sqh) * ALIGN, DO + bh * N * HEAD_DIM
+    k_base, v_base = K + (b * skb + h * skh) * ALIGN, V + (b * svb + h * svh) * ALIGN
+    q_a = _load_cols(q_base, rows, sqn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+    do_a = _load_cols(do_base, rows, HEAD_DIM, N, 0, D_A, HEAD_DIM, UPCAST)
+    dq_a = tl.zeros([BLOCK_M, D_A], dtype=tl.float32)
+    if D_B > 0:
+        q_b = _load_cols(q_base, rows, sqn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+        do_b = _load_cols(do_base, rows, HEAD_DIM, N, D_A, D_B, HEAD_DIM, UPCAST)
+        dq_b = tl.zeros([BLOCK_M, D_B], dtype=tl.float32)
     lse = tl.load(LSE + bh * N + rows, mask=rmask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * N + rows, mask=rmask, other=0.0)
-    k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base, keys, skn, cols_d, N, HEAD_DIM, UPCAST)
-        v = _load_tile(v_base, keys, svn, cols_d, N, HEAD_DIM, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        keys = tl.multiple_of(start, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k_a = _load_cols(k_base, keys, skn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+        v_a = _load_cols(v_base, keys, svn * ALIGN, N, 0, D_A, HEAD_DIM, UPCAST)
+        s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
+        dp = tl.dot(do_a, tl.trans(v_a), input_precision=PRECISION)
+        if D_B > 0:
+            k_b = _load_cols(k_base, keys, skn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+            v_b = _load_cols(v_base, keys, svn * ALIGN, N, D_A, D_B, HEAD_DIM, UPCAST)
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+            dp = tl.dot(do_b, tl.trans(v_b), dp, input_precision=PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where((keys < N)[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    out = bh * N * HEAD_DIM + rows[:, None] * HEAD_DIM + cols_d[None, :]
-    tl.store(DQ + out, dq * sm_scale, mask=rmask[:, None] & (cols_d < HEAD_DIM)[None, :])
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        dq_a = tl.dot(ds, k_a, dq_a, input_precision=PRECISION)
+        if D_B > 0:
+            dq_b = tl.dot(ds, k_b, dq_b, input_precision=PRECISION)
+    out = DQ + bh * N * HEAD_DIM
+    _store_cols(out, rows, HEAD_DIM, N, dq_a * sm_scale, 0, D_A, HEAD_DIM)
+    if D_B > 0:
+        _store_cols(out, rows, HEAD_DIM, N, dq_b * sm_scale, D_A, D_B, HEAD_DIM)
 
 
 def _configs(blocks):
@@ -191,27 +247,45 @@ if INTERPRET or os.environ.get("EQM_AUTOTUNE") == "0":
     _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
     _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32} if INTERPRET else {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
 else:
-    _KEY = ["N", "HEAD_DIM", "PRECISION"]
+    _KEY = ["N", "HEAD_DIM", "ALIGN", "PRECISION"]
     _fwd = triton.autotune(_configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
                                      (64, 32, 4, 2)]), key=_KEY)(_attn_fwd_kernel)
-    _dkdv = triton.autotune(_configs([(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3)]),
+    _dkdv = triton.autotune(_configs([(64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 3)]),
                             key=_KEY)(_attn_bwd_dkdv_kernel)
     _dq = triton.autotune(_configs([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)]),
                           key=_KEY)(_attn_bwd_dq_kernel)
     _FIXED = {}
 
 
-def _meta(q):
-    return {
-        "BLOCK_D": max(16, triton.next_power_of_2(q.shape[-1])),
-        "UPCAST": INTERPRET,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
-        **_FIXED,
-    }
+def _split_head_dim(dh):
+    """(D_A, D_B): power-of-two column tiles covering dh, D_B = 0 when one tile fits (72 -> 64 + 16)."""
+    d_a = max(16, 1 << (dh.bit_length() - 1))
+    rest = dh - d_a
+    return d_a, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
 
 
-def _strides(*ts):
-    return [s for t in ts for s in t.stride()[:3]]
+def _precision(dtype):
+    """tl.dot input precision: TF32 where torch allows it for fp32 matmuls, else 3xTF32 (about fp32 accurate,
+    still on tensor cores); ignored for 16-bit inputs."""
+    return "tf32" if dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest" else "tf32x3"
+
+
+def _align(*ts):
+    """Elements per 16 bytes when every stride and base pointer of ts is 16-byte aligned, else 1."""
+    n = 16 // ts[0].element_size()
+    ok = all(s % n == 0 for t in ts for s in t.stride()[:3]) and all(t.data_ptr() % 16 == 0 for t in ts)
+    return n if ok else 1
+
+
+def _meta(q, k, v):
+    d_a, d_b = _split_head_dim(q.shape[-1])
+    align = _align(q, k, v)
+    return {"HEAD_DIM": q.shape[-1], "D_A": d_a, "D_B": d_b, "ALIGN": align, "UPCAST": INTERPRET,
+            "PRECISION": _precision(q.dtype), **_FIXED}
+
+
+def _strides(align, *ts):
+    return [s // align for t in ts for s in t.stride()[:3]]
 
 
 def _grid(blocks_key, N, B, H):
@@ -227,7 +301,8 @@ def _launch_forward(q, k, v, scale):
     q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    _fwd[_grid("BLOCK_M", N, B, H)](q, k, v, o, lse, *_strides(q, k, v), H, N, Dh, scale * LOG2E, **_meta(q))
+    meta = _meta(q, k, v)
+    _fwd[_grid("BLOCK_M", N, B, H)](q, k, v, o, lse, *_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, **meta)
     return o, lse
 
 
@@ -235,13 +310,13 @@ def _launch_backward(q, k, v, o, lse, do, scale):
     B, H, N, Dh = q.shape
     q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
     do = do.contiguous()
-    meta = _meta(q)
+    meta = _meta(q, k, v)
     delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     block_m = 32 if INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(N, block_m), B * H)](o, do, delta, N, Dh, BLOCK_M=block_m,
-                                                            BLOCK_D=meta["BLOCK_D"])
+    _attn_bwd_delta_kernel[(triton.cdiv(N, block_m), B * H)](o, do, delta, N, HEAD_DIM=Dh, BLOCK_M=block_m,
+                                                            BLOCK_D=triton.next_power_of_2(Dh))
     dq, dk, dv = (torch.empty((B, H, N, Dh), dtype=t.dtype, device=q.device) for t in (q, k, v))
-    args = (*_strides(q, k, v), H, N, Dh, scale * LOG2E, scale)
+    args = (*_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, scale)
     _dkdv[_grid("BLOCK_N", N, B, H)](q, k, v, do, lse, delta, dk, dv, *args, **meta)
     _dq[_grid("BLOCK_M", N, B, H)](q, k, v, do, lse, delta, dq, *args, **meta)
     return dq, dk, dv
