@@ -56,7 +56,8 @@ def setup(device=None, timeout_min=DEFAULT_TIMEOUT_MIN):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if device.index is None or world_size > 1:  # an explicit cuda:N in one process stays as given
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -130,6 +130,14 @@ class GraphSampler:
         self.y.copy_(y)
         self.active.fill_(True)
         self.nfe.zero_()
+        was_training = self.model.training
+        self.model.eval()  # sampling never drops labels (train-mode label dropout), as the plain sampler's callers set
+        try:
+            return self._run(steps, progress)
+        finally:
+            self.model.train(was_training)
+
+    def _run(self, steps, progress):
         updates, chunk = steps - 1, self._chunk()
         bar = tqdm(total=updates, disable=not progress, desc=f"{self.sampler} sampling (static buffers)")
         done = 0

@@ -196,23 +196,26 @@ class EqMBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c, double_grad=False):
-        """Reference path (plain PyTorch ops)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = adaln_modulate(x, shift_msa, scale_msa)
-        x, h = gated_residual_adaln(x, gate_msa, self.attn(h, double_grad=double_grad), shift_mlp, scale_mlp)
-        return gated_residual(x, gate_mlp, self.mlp(h))
+    def forward(self, x, c, double_grad=False, fused=False, pending=None):
+        """Reference path (plain PyTorch ops), or with fused=True the kernels/ path.
 
-    def forward_fused(self, x, h, mod, next_shift, next_scale):
-        """Fused path: h = this block's modulated input, mod = its 6 adaLN vectors.
-
-        Returns (x, h_next): the MLP residual is fused with the adaLN of the next layer (next_shift,
-        next_scale: the next block's msa vectors or the final layer's), so the residual stream is
-        read and written once per residual add.
+        Fused: pending = (gate, y) is the previous block's MLP residual, not yet added; it is fused with
+        this block's first adaLN, and this block's own MLP residual is returned pending in turn for the
+        next layer. Returns (x_prev, x, pending): x_prev is the previous block's completed output.
+        Everything runs inside this module's call, so wrappers' hooks (FSDP2's all-gather) see it.
         """
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        if not fused:
+            h = adaln_modulate(x, shift_msa, scale_msa)
+            x, h = gated_residual_adaln(x, gate_msa, self.attn(h, double_grad=double_grad), shift_mlp, scale_mlp)
+            return gated_residual(x, gate_mlp, self.mlp(h))
+        if pending is None:
+            h = adaln_modulate(x, shift_msa, scale_msa, fused=True)
+        else:
+            x, h = gated_residual_adaln(x, *pending, shift_msa, scale_msa, fused=True)
+        x_prev = x
         x, h = gated_residual_adaln(x, gate_msa, self.attn(h, fused=True), shift_mlp, scale_mlp, fused=True)
-        return gated_residual_adaln(x, gate_mlp, self.mlp(h), next_shift, next_scale, fused=True)
+        return x_prev, x, (gate_mlp, self.mlp(h))
 
 
 SiTBlock = EqMBlock  # the published name
@@ -226,9 +229,14 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c):
+    def forward(self, x, c, pending=None):
+        """Head output; with pending = (gate, y) (the fused path) the last block's residual is added first,
+        fused with this adaLN, and (completed x, head output) is returned."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(adaln_modulate(x, shift, scale))
+        if pending is None:
+            return self.linear(adaln_modulate(x, shift, scale))
+        x, h = gated_residual_adaln(x, *pending, shift, scale, fused=True)
+        return x, self.linear(h)
 
 
 class EqM(nn.Module):
@@ -359,13 +367,13 @@ class EqM(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         act = []
         if fused:  # each residual add is fused with the adaLN that follows it (next block's or final layer's)
-            mods = [block.adaLN_modulation(c).chunk(6, dim=1) for block in self.blocks]
-            mods.append(self.final_layer.adaLN_modulation(c).chunk(2, dim=1))
-            h = adaln_modulate(x, *mods[0][:2], fused=True)
+            pending = None
             for i, block in enumerate(self.blocks):
-                x, h = block.forward_fused(x, h, mods[i], *mods[i + 1][:2])
-                act.append(x)
-            x = self.final_layer.linear(h)
+                x_prev, x, pending = block(x, c, fused=True, pending=pending)
+                if i:
+                    act.append(x_prev)
+            x_last, x = self.final_layer(x, c, pending=pending)
+            act.append(x_last)
         else:
             for block in self.blocks:
                 x = block(x, c, double_grad=double_grad)

@@ -3,8 +3,10 @@
 softmax(q k^T / sqrt(Dh)) v with an online softmax over key blocks; the forward saves the per-row
 logsumexp so the backward recomputes the probabilities block by block instead of storing them.
 Any N (masked tails); any Dh up to 256, as two power-of-two column tiles (72 -> 64 + 16).
-fp32 / fp16 / bf16 inputs, fp32 accumulation, tensor cores throughout: fp32 inputs use TF32 where
-torch allows it (torch.set_float32_matmul_precision("high"), the published setting), else 3xTF32.
+fp32 / fp16 / bf16 inputs, fp32 accumulation, tensor cores throughout: fp32 inputs run on TF32,
+which torch allows with set_float32_matmul_precision("high") (the published setting, the CLIs'
+default). With "highest" (exact fp32) CUDA fp32 inputs go to torch's SDPA instead: an exact-fp32
+Triton dot runs on FMA units, and 3xTF32 spills at these tile sizes.
 
 Cost for B*H heads of N tokens and head dim Dh:
   forward   4*B*H*N^2*Dh FLOP  (two matmuls), reads q, k, v and writes o: 4*B*H*N*Dh elements
@@ -241,19 +243,27 @@ def _configs(blocks):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
 
 
+# Autotune configs (BLOCK_M, BLOCK_N, warps, stages) per input width, pruned with `python -m kernels.aot`:
+# every one compiles for sm_90 and sm_80 at head dims 64 and 72 without spills.
+_CONFIGS = {
+    16: {"fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+         "dkdv": [(64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 3)],
+         "dq": [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)]},
+    32: {"fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
+         "dkdv": [(16, 64, 4, 2), (16, 32, 4, 2)],
+         "dq": [(128, 32, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2)]},
+}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
 if INTERPRET or os.environ.get("EQM_AUTOTUNE") == "0":
     # Autotune needs a GPU (and compiles every config per shape: EQM_AUTOTUNE=0 skips it for GPU tests).
     # One config; under the interpreter small blocks, so that masked tails and the loops get exercised.
-    _fwd, _dkdv, _dq = _attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+    _TUNED = {bits: _KERNELS for bits in _CONFIGS}
     _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32} if INTERPRET else {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4}
 else:
     _KEY = ["N", "HEAD_DIM", "ALIGN", "PRECISION"]
-    _fwd = triton.autotune(_configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-                                     (64, 32, 4, 2)]), key=_KEY)(_attn_fwd_kernel)
-    _dkdv = triton.autotune(_configs([(64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 3)]),
-                            key=_KEY)(_attn_bwd_dkdv_kernel)
-    _dq = triton.autotune(_configs([(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)]),
-                          key=_KEY)(_attn_bwd_dq_kernel)
+    _TUNED = {bits: {name: triton.autotune(_configs(cfgs[name]), key=_KEY)(fn) for name, fn in _KERNELS.items()}
+              for bits, cfgs in _CONFIGS.items()}
     _FIXED = {}
 
 
@@ -262,12 +272,6 @@ def _split_head_dim(dh):
     d_a = max(16, 1 << (dh.bit_length() - 1))
     rest = dh - d_a
     return d_a, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
-
-
-def _precision(dtype):
-    """tl.dot input precision: TF32 where torch allows it for fp32 matmuls, else 3xTF32 (about fp32 accurate,
-    still on tensor cores); ignored for 16-bit inputs."""
-    return "tf32" if dtype != torch.float32 or torch.get_float32_matmul_precision() != "highest" else "tf32x3"
 
 
 def _align(*ts):
@@ -281,7 +285,7 @@ def _meta(q, k, v):
     d_a, d_b = _split_head_dim(q.shape[-1])
     align = _align(q, k, v)
     return {"HEAD_DIM": q.shape[-1], "D_A": d_a, "D_B": d_b, "ALIGN": align, "UPCAST": INTERPRET,
-            "PRECISION": _precision(q.dtype), **_FIXED}
+            "PRECISION": "tf32", **_FIXED}
 
 
 def _strides(align, *ts):
@@ -302,7 +306,7 @@ def _launch_forward(q, k, v, scale):
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     meta = _meta(q, k, v)
-    _fwd[_grid("BLOCK_M", N, B, H)](q, k, v, o, lse, *_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, **meta)
+    _TUNED[8 * q.element_size()]["fwd"][_grid("BLOCK_M", N, B, H)](q, k, v, o, lse, *_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, **meta)
     return o, lse
 
 
@@ -317,8 +321,9 @@ def _launch_backward(q, k, v, o, lse, do, scale):
                                                             BLOCK_D=triton.next_power_of_2(Dh))
     dq, dk, dv = (torch.empty((B, H, N, Dh), dtype=t.dtype, device=q.device) for t in (q, k, v))
     args = (*_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, scale)
-    _dkdv[_grid("BLOCK_N", N, B, H)](q, k, v, do, lse, delta, dk, dv, *args, **meta)
-    _dq[_grid("BLOCK_M", N, B, H)](q, k, v, do, lse, delta, dq, *args, **meta)
+    tuned = _TUNED[8 * q.element_size()]
+    tuned["dkdv"][_grid("BLOCK_N", N, B, H)](q, k, v, do, lse, delta, dk, dv, *args, **meta)
+    tuned["dq"][_grid("BLOCK_M", N, B, H)](q, k, v, do, lse, delta, dq, *args, **meta)
     return dq, dk, dv
 
 
@@ -382,4 +387,6 @@ def attention(q, k, v, scale: Optional[float] = None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if use_reference():
         return attention_reference(q, k, v, scale)
+    if q.dtype == torch.float32 and q.is_cuda and torch.get_float32_matmul_precision() == "highest":
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     return _attn_op(q, k, v, scale)[0]

@@ -1,10 +1,12 @@
 import os
 
-# Must be set before triton is first imported: kernel tests run in the Triton interpreter on CPU.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Must be set before triton is first imported: without a GPU the kernel tests run in the Triton
+# interpreter on CPU; with one they run the compiled kernels on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -155,3 +155,17 @@ def test_fsdp_trains_like_ddp_and_checkpoints_interchange(tmp_path):
     finally:
         torch.set_num_threads(n)
     assert s["steps"] == 4 and s["steps_this_run"] == 1 and np.isfinite(s["final_loss"])
+
+
+def test_explicit_cuda_index_is_kept_in_one_process(monkeypatch):
+    """--device cuda:1 without torchrun runs on cuda:1 (under torchrun the local rank picks the GPU)."""
+    from eqm import distributed
+    picked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", picked.append)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed.setup("cuda:1").device == torch.device("cuda", 1)
+    assert distributed.setup("cuda").device == torch.device("cuda", 0)
+    assert picked == [torch.device("cuda", 1), torch.device("cuda", 0)]

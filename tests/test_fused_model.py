@@ -152,3 +152,34 @@ def test_gated_residual_adaln_non_contiguous_stream():
     for name, g, g_ref in zip(["x", "gate", "y", "shift", "scale"], grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
     torch.library.opcheck(torch.ops.eqm.gated_residual_adaln, (*ins, 1e-6))  # fake strides == real strides
+
+
+def test_fused_path_runs_inside_module_calls():
+    """A stand-in for FSDP2: each block's and the final layer's weights are garbage (NaN) outside their own
+    module call and restored by a pre-forward hook, as FSDP2's all-gather does. The fused forward and
+    backward must touch every weight inside its module's call, so the hooked model matches the plain one."""
+    fused, ref, _ = _models(seed=3)
+    x = torch.randn(2, 4, 8, 8)
+    want = ref(x, None, Y)
+    for module in [*fused.blocks, fused.final_layer]:
+        real = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+        def gather(mod, args, kwargs, real=real):
+            with torch.no_grad():
+                for n, p in mod.named_parameters():
+                    p.copy_(real[n])
+
+        def reshard(mod, args, kwargs, out):
+            with torch.no_grad():
+                for p in mod.parameters():
+                    p.fill_(float("nan"))
+
+        module.register_forward_pre_hook(gather, with_kwargs=True)
+        module.register_forward_hook(reshard, with_kwargs=True)
+        reshard(module, (), {}, None)
+    out, act = fused(x, None, Y, return_act=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert len(act) == len(fused.blocks) and all(torch.isfinite(a).all() for a in act)
+    _, want_act = ref(x, None, Y, return_act=True)
+    for a, b in zip(act, want_act):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

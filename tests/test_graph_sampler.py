@@ -119,3 +119,14 @@ def test_block_replay_bookkeeping_matches_plain_loop(model, inputs, monkeypatch)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(stats["nfe"], ref_stats["nfe"])
     assert stats["evaluated_steps"] % 4 == 0 or stats["evaluated_steps"] == 11
+
+
+def test_runs_in_eval_mode_and_restores_training(inputs):
+    """Label dropout is a train-mode behaviour: the sampler must evaluate the model in eval mode."""
+    m = randomize_(tiny_eqm(depth=1), std=0.1).train()
+    modes = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    x, y = inputs
+    sample_fast(m, x, y, steps=3, backend="aot_eager", block=2)
+    assert modes and not any(modes)
+    assert m.training
