@@ -256,7 +256,10 @@ def compile_variant(fn, config, args, kwargs, arch):
     if config is not None:
         kw.update(config.all_kwargs())
     kw = {k: v for k, v in kw.items() if k not in ("num_ctas", "maxnreg", "pre_hook", "ir_override") or v}
-    v = Variant(*_labels(fn, kw))
+    name, consts, tiles = _labels(fn, kw)
+    dtypes = sorted({str(a.dtype).replace("torch.", "").replace("float", "f").replace("bf16", "bf16")
+                     for a in args if isinstance(a, _Ptr)})
+    v = Variant(name, " ".join([consts, "/".join(dtypes)]).strip(), tiles)
     log = io.StringIO()
     start = time.perf_counter()
     try:
