@@ -37,6 +37,12 @@ def _kernel(name):
     return fn
 
 
+def _matmul_dtype(x):
+    """The dtype the Linear after an adaLN reads: the autocast dtype inside autocast, else None (unchanged)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def modulate(x, shift, scale):
     """adaLN modulation: x (N, T, D) scaled and shifted per sample by (N, D) vectors."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -45,7 +51,7 @@ def modulate(x, shift, scale):
 def adaln_modulate(x, shift, scale, fused=False):
     """LayerNorm (no affine, eps 1e-6) followed by `modulate`."""
     if fused and (fn := _kernel("adaln_modulate")) is not None:
-        return fn(x, shift, scale, eps=LN_EPS)
+        return fn(x, shift, scale, eps=LN_EPS, out_dtype=_matmul_dtype(x))
     return modulate(F.layer_norm(x, x.shape[-1:], eps=LN_EPS), shift, scale)
 
 
@@ -57,7 +63,7 @@ def gated_residual(x, gate, y):
 def gated_residual_adaln(x, gate, y, shift, scale, fused=False):
     """(x_new, h): x_new = x + gate * y, then h = adaln_modulate(x_new, shift, scale)."""
     if fused and (fn := _kernel("gated_residual_adaln")) is not None:
-        return fn(x, gate, y, shift, scale, eps=LN_EPS)
+        return fn(x, gate, y, shift, scale, eps=LN_EPS, out_dtype=_matmul_dtype(x))
     x = gated_residual(x, gate, y)
     return x, adaln_modulate(x, shift, scale)
 

@@ -9,6 +9,7 @@ Cost for E = N*T*D elements of b bytes (conditioning vectors are N*D, negligible
   adaln forward     reads x, writes h                       2*E*b bytes,  ~8 FLOP/element
   gated forward     reads x, y, writes r, h                 4*E*b bytes,  ~10 FLOP/element
   adaln backward    reads x, dh, writes dx                  3*E*b bytes
+(under autocast h, and so dh, are in the autocast dtype: pass out_dtype)
   gated backward    reads x, y, dh, dr, writes dx, dy       6*E*b bytes
 The unfused eager graph (add, layer_norm, mul, add) moves about twice as much.
 """
@@ -154,7 +155,7 @@ def _rows_per_program(block_d: int) -> int:
     return max(1, (32768 if INTERPRET else 4096) // block_d)
 
 
-def _launch_forward(x, gate, y, shift, scale, eps):
+def _launch_forward(x, gate, y, shift, scale, eps, out_dtype=None):
     N, T, D = x.shape
     has_res = gate is not None
     x = x.contiguous()
@@ -165,7 +166,7 @@ def _launch_forward(x, gate, y, shift, scale, eps):
         r = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype)),
                         device=x.device)
         h_dtype = torch.promote_types(r.dtype, h_dtype)
-    h = torch.empty(x.shape, dtype=h_dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=out_dtype or h_dtype, device=x.device)
     block_d = row_block(D)
     rows = _rows_per_program(block_d)
     grid = (triton.cdiv(T, rows), N)
@@ -182,7 +183,11 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
     has_res, has_dr = gate is not None, dr is not None
     x, dh = x.contiguous(), dh.contiguous()
     block_d = row_block(D)
-    rows = _rows_per_program(block_d)
+    # One token per step on a GPU, 4 elements per thread with the residual (8 without): at most 64 registers,
+    # so 32 warps per SM (two tokens with 16 warps took 124 registers: 16 warps per SM). Checked with
+    # `python -m kernels.aot` (4 elements per thread without the residual spill on sm_80).
+    rows = _rows_per_program(block_d) if INTERPRET else 1
+    warps = 1 if INTERPRET else max(1, min(16, block_d // (128 if has_res else 256)))
     n_blocks = triton.cdiv(T, rows)
     # Enough programs to fill the GPU twice over, each with several token blocks to amortise its partials.
     split = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), N)))
@@ -194,7 +199,7 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
         dh, dr.contiguous() if has_dr else dh, dx, dy if has_res else dx,
         part[0], part[1], part[2] if has_res else part[0],
         T, D, eps, split,
-        HAS_RES=has_res, HAS_DR=has_dr, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps_for(rows * block_d),
+        HAS_RES=has_res, HAS_DR=has_dr, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
     )
     dshift, dscale = part[0].sum(1).to(scale.dtype), part[1].sum(1).to(scale.dtype)
     dgate = part[2].sum(1).to(gate.dtype) if has_res else None
@@ -214,15 +219,18 @@ def _check(x, shift, scale, gate=None, y=None):
 
 # ---------------------------------------------------------------- custom ops: adaln_modulate
 @torch.library.custom_op("eqm::adaln_modulate", mutates_args=())
-def _adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def _adaln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if not use_triton(x, shift, scale):
-        return adaln_modulate_reference(x, shift, scale, eps).contiguous()
-    return _launch_forward(x, None, None, shift, scale, eps)[1]
+        h = adaln_modulate_reference(x, shift, scale, eps)
+        return h.to(out_dtype or h.dtype).contiguous()
+    return _launch_forward(x, None, None, shift, scale, eps, out_dtype)[1]
 
 
 @_adaln_op.register_fake
-def _(x, shift, scale, eps):
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, torch.promote_types(shift.dtype, scale.dtype)))
+def _(x, shift, scale, eps, out_dtype=None):
+    return x.new_empty(x.shape, dtype=out_dtype or torch.promote_types(x.dtype, torch.promote_types(shift.dtype,
+                                                                                                     scale.dtype)))
 
 
 @torch.library.custom_op("eqm::adaln_modulate_backward", mutates_args=())
@@ -242,7 +250,7 @@ def _(x, scale, dh, eps):
 
 
 def _adaln_setup(ctx, inputs, output):
-    x, shift, scale, eps = inputs
+    x, shift, scale, eps, _ = inputs
     ctx.save_for_backward(x, scale)
     ctx.eps, ctx.shift_dtype = eps, shift.dtype
 
@@ -254,7 +262,7 @@ def _adaln_backward(ctx, dh):
         dx, dscale = dx.to(x.dtype), dscale.to(scale.dtype)
     else:
         dx, dshift, dscale = _adaln_bwd_op(x, scale, dh, ctx.eps)
-    return dx, dshift.to(ctx.shift_dtype), dscale, None
+    return dx, dshift.to(ctx.shift_dtype), dscale, None, None
 
 
 _adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
@@ -263,17 +271,18 @@ _adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
 # ---------------------------------------------------------------- custom ops: gated_residual_adaln
 @torch.library.custom_op("eqm::gated_residual_adaln", mutates_args=())
 def _gated_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+              eps: float, out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(x, gate, y, shift, scale):
-        return tuple(o.contiguous() for o in gated_residual_adaln_reference(x, gate, y, shift, scale, eps))
-    return _launch_forward(x, gate, y, shift, scale, eps)
+        r, h = gated_residual_adaln_reference(x, gate, y, shift, scale, eps)
+        return r.contiguous(), h.to(out_dtype or h.dtype).contiguous()
+    return _launch_forward(x, gate, y, shift, scale, eps, out_dtype)
 
 
 @_gated_op.register_fake
-def _(x, gate, y, shift, scale, eps):
+def _(x, gate, y, shift, scale, eps, out_dtype=None):
     r_dtype = torch.promote_types(x.dtype, torch.promote_types(gate.dtype, y.dtype))
     h_dtype = torch.promote_types(r_dtype, torch.promote_types(shift.dtype, scale.dtype))
-    return x.new_empty(x.shape, dtype=r_dtype), x.new_empty(x.shape, dtype=h_dtype)
+    return x.new_empty(x.shape, dtype=r_dtype), x.new_empty(x.shape, dtype=out_dtype or h_dtype)
 
 
 @torch.library.custom_op("eqm::gated_residual_adaln_backward", mutates_args=())
@@ -296,7 +305,7 @@ def _(x, gate, y, scale, dh, dr, eps):
 
 
 def _gated_setup(ctx, inputs, output):
-    x, gate, y, shift, scale, eps = inputs
+    x, gate, y, shift, scale, eps, _ = inputs
     ctx.save_for_backward(x, gate, y, scale)
     ctx.eps, ctx.shift_dtype = eps, shift.dtype
 
@@ -308,24 +317,29 @@ def _gated_backward(ctx, dr, dh):
         dx, dy, dgate, dscale = dx.to(x.dtype), dy.to(y.dtype), dgate.to(gate.dtype), dscale.to(scale.dtype)
     else:
         dx, dy, dgate, dshift, dscale = _gated_bwd_op(x, gate, y, scale, dh, dr, ctx.eps)
-    return dx, dgate, dy, dshift.to(ctx.shift_dtype), dscale, None
+    return dx, dgate, dy, dshift.to(ctx.shift_dtype), dscale, None, None
 
 
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 # ---------------------------------------------------------------- public API
-def adaln_modulate(x, shift, scale, eps: float = 1e-6):
-    """LayerNorm(x) * (1 + scale) + shift over tokens; x (N, T, D), shift/scale (N, D); one fused pass."""
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None):
+    """LayerNorm(x) * (1 + scale) + shift over tokens; x (N, T, D), shift/scale (N, D); one fused pass.
+
+    out_dtype: write the result in this dtype (e.g. the autocast dtype of the Linear that reads it, which
+    saves that Linear's cast kernel); default: the promoted dtype of the inputs."""
     _check(x, shift, scale)
     if use_reference():
-        return adaln_modulate_reference(x, shift, scale, eps)
-    return _adaln_op(x, shift, scale, float(eps))
+        h = adaln_modulate_reference(x, shift, scale, eps)
+        return h if out_dtype is None else h.to(out_dtype)
+    return _adaln_op(x, shift, scale, float(eps), out_dtype)
 
 
-def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6):
-    """r = x + gate * y and h = adaln_modulate(r, shift, scale) in one pass; returns (r, h)."""
+def gated_residual_adaln(x, gate, y, shift, scale, eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None):
+    """r = x + gate * y and h = adaln_modulate(r, shift, scale) in one pass; returns (r, h) (h in out_dtype)."""
     _check(x, shift, scale, gate, y)
     if use_reference():
-        return gated_residual_adaln_reference(x, gate, y, shift, scale, eps)
-    return _gated_op(x, gate, y, shift, scale, float(eps))
+        r, h = gated_residual_adaln_reference(x, gate, y, shift, scale, eps)
+        return r, (h if out_dtype is None else h.to(out_dtype))
+    return _gated_op(x, gate, y, shift, scale, float(eps), out_dtype)

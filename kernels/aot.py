@@ -209,8 +209,9 @@ def _model_calls(name, precision, only=None):
         shift, scale, gate, shift2, scale2, _ = c.chunk(6, dim=1)
         x = torch.empty(BATCH, T, D, dtype=f32, **meta)
         y = torch.empty(BATCH, T, D, dtype=act, **meta)  # branch output (attention proj / fc2)
-        _, h = adaln._launch_forward(x, None, None, shift, scale, 1e-6)
-        r, h = adaln._launch_forward(x, gate, y, shift2, scale2, 1e-6)
+        out = act if precision == "bf16" else None  # h in the autocast dtype its Linear reads (eqm/models.py)
+        _, h = adaln._launch_forward(x, None, None, shift, scale, 1e-6, out)
+        r, h = adaln._launch_forward(x, gate, y, shift2, scale2, 1e-6, out)
         adaln._launch_backward(x, None, None, scale, torch.empty_like(h), None, 1e-6)
         adaln._launch_backward(x, gate, y, scale2, torch.empty_like(h), torch.empty_like(r), 1e-6)
 

@@ -183,3 +183,25 @@ def test_fused_path_runs_inside_module_calls():
     _, want_act = ref(x, None, Y, return_act=True)
     for a, b in zip(act, want_act):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_adaln_output_in_autocast_dtype():
+    """Under bf16 autocast the fused adaLN writes h in bf16, the dtype its Linear reads (no extra cast),
+    while the residual stream stays fp32; the result equals the fp32 h rounded to bf16."""
+    fused, ref, _ = _models(seed=4)
+    seen = []
+    fused.blocks[0].attn.qkv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    fused.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(out[1].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused(torch.randn(2, 4, 8, 8), None, Y)
+    assert seen == [torch.bfloat16, torch.float32]
+    import kernels
+    x, y = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 32)
+    gate, shift, scale = (torch.randn(2, 32) for _ in range(3))
+    r, h = kernels.gated_residual_adaln(x, gate, y, shift, scale, out_dtype=torch.bfloat16)
+    r_ref, h_ref = kernels.gated_residual_adaln_reference(x, gate, y, shift, scale)
+    assert h.dtype == torch.bfloat16 and r.dtype == torch.float32
+    torch.testing.assert_close(h.float(), h_ref.to(torch.bfloat16).float(), atol=2e-2, rtol=1e-2)
+    (gx,) = torch.autograd.grad(h.float().sum() + r.sum(), x)
+    (gx_ref,) = torch.autograd.grad(h_ref.sum() + r_ref.sum(), x)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
