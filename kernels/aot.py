@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 # (arch) -> (shared memory per block opt-in, registers per SM), from the CUDA occupancy tables
 LIMITS = {90: (232448, 65536), 80: (166912, 65536)}
-MODELS = ("EqM-XL/2", "EqM-B/2")
+MODELS = ("EqM-XL/2", "EqM-B/2", "Dh128")  # Dh128: attention alone at head dim 128 (8 heads of a 1024 width)
 PRECISIONS = ("bf16", "tf32", "fp32")
 BATCH = 256
 
@@ -168,7 +168,10 @@ def _capture(launches):
     def tuner_run(self, *args, **kwargs):
         kwargs.pop("grid", None)
         kwargs.pop("warmup", None)
-        launches.append((self.fn, self.configs, *wrap(args, kwargs)))
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)  # what autotuning would try for these arguments
+        self.nargs = None
+        launches.append((self.fn, configs, *wrap(args, kwargs)))
 
     stack = contextlib.ExitStack()
     for cls, fn in ((JITFunction, jit_run), (Autotuner, tuner_run)):
@@ -186,7 +189,9 @@ def _model_calls(name, precision, only=None):
     # (importlib: the package attributes `attention` and `eqm_loss` are the public functions, not the modules)
     adaln, attention, eqm_loss = (importlib.import_module(f"{__package__}.{m}") for m in ("adaln", "attention", "eqm_loss"))
 
-    _, D, H, p = EqM_configs[name]
+    _, D, H, p = EqM_configs[name] if name in EqM_configs else (0, 1024, 8, 2)
+    if name not in EqM_configs:
+        only = "attention" if only in (None, "attention") else "none"
     C, T = 4, (32 // p) ** 2  # 4-channel 32x32 latents (256 px images)
     act = torch.bfloat16 if precision == "bf16" else torch.float32
     f32 = torch.float32
