@@ -44,6 +44,8 @@ class Variant:
     has_dot: bool = False
     seconds: float = 0.0
     error: str = ""
+    group: str = ""
+    dims: dict = None
 
     def problems(self, arch):
         """Reasons this variant fails the check (empty when it passes)."""
@@ -239,7 +241,8 @@ def _model_calls(name, precision, only=None):
         run("eqm_loss", loss)
     finally:
         torch.set_float32_matmul_precision(matmul_precision)
-    return f"{name} B={BATCH} T={T} D={D} H={H} {precision}"
+    dims = dict(B=BATCH, T=T, D=D, H=H, C=C, a=2 if precision == "bf16" else 4)
+    return f"{name} B={BATCH} T={T} D={D} H={H} {precision}", dims
 
 
 def _labels(fn, kwargs):
@@ -290,8 +293,9 @@ def compile_variant(fn, config, args, kwargs, arch):
     return v
 
 
-def check(arch, models=MODELS, precisions=("bf16",), only=None, out=sys.stdout):
-    """Compile every variant for `arch`; print one line each; returns the list of Variants."""
+def check(arch, models=MODELS, precisions=("bf16",), only=None, out=sys.stdout, table=None):
+    """Compile every variant for `arch`; print one line each; returns the list of Variants (all, duplicates
+    included, are appended to `table` when given)."""
     from triton.runtime.driver import driver
     from . import _dispatch
 
@@ -302,11 +306,14 @@ def check(arch, models=MODELS, precisions=("bf16",), only=None, out=sys.stdout):
         for name in models:
             launches = []
             with _capture(launches):
-                header = _model_calls(name, precision, only)
+                header, dims = _model_calls(name, precision, only)
             print(f"# sm_{arch} {header}", file=out, flush=True)
             for fn, configs, args, kwargs in launches:
                 for config in configs:
                     v = compile_variant(fn, config, args, kwargs, arch)
+                    v.group, v.dims = f"{name} {precision}", dims
+                    if table is not None:
+                        table.append(v)
                     key = (v.kernel, v.shape, v.config, v.error)
                     if key in seen:  # the same kernel at the same constexprs (e.g. two adaLN calls)
                         continue
@@ -316,6 +323,50 @@ def check(arch, models=MODELS, precisions=("bf16",), only=None, out=sys.stdout):
     return variants
 
 
+def cost(v):
+    """(bytes, FLOP) a variant must move / execute per call at its model shape (the minimum: each tensor once)."""
+    d = v.dims
+    E, a, f, rows = d["B"] * d["T"] * d["D"], d["a"], 4, d["B"] * d["H"] * d["T"]
+    matmul = 2 * d["B"] * d["T"] * d["T"] * d["D"]  # one (T x T x Dh) matmul over all heads
+    h = a  # adaLN output: the autocast dtype under bf16, else fp32
+    M = d["B"] * d["C"] * 32 * 32
+    res = "HAS_RES=True" in v.shape
+    table = {
+        "attn_fwd": (4 * E * a + rows * f, 2 * matmul),
+        "attn_bwd_delta": (2 * E * a + rows * f, 0),
+        "attn_bwd_dkdv": (6 * E * a + 2 * rows * f, 4 * matmul),
+        "attn_bwd_dq": (5 * E * a + 2 * rows * f, 3 * matmul),
+        "adaln_fwd": (E * (f + a + f + h) if res else E * (f + h), 10 * E),
+        "adaln_bwd": (E * (f + a + h + f + f + a) if res else E * (f + h + f), 16 * E),
+        "eqm_interpolate": (16 * M, 4 * M),
+        "eqm_loss_fwd": (M * (a + 8), 5 * M),
+        "eqm_loss_bwd": (M * (2 * a + 8), 4 * M),
+    }
+    return table[v.kernel]
+
+
+def markdown_table(variants, bandwidth=3.0e12, peaks=None):
+    """Per-kernel markdown table: ranges over the autotune configs, bytes/FLOP per call, bound at H100 SXM
+    datasheet peaks (3 TB/s; dense tensor cores 989 TFLOP/s bf16, 495 TF32)."""
+    peaks = peaks or {"bf16": 989e12, "tf32": 495e12}
+    groups = {}
+    for v in variants:
+        groups.setdefault((v.group, v.kernel, v.shape), []).append(v)
+    out = ["| model, precision | kernel | registers | shared mem | spills | MMA | bytes / call | FLOP / call | bound |",
+           "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for (group, kernel, shape), vs in groups.items():
+        nbytes, nflop = cost(vs[0])
+        t_mem, t_flop = nbytes / bandwidth, nflop / peaks[group.split()[-1]]
+        regs = sorted({v.regs for v in vs})
+        smem = sorted({v.shared for v in vs})
+        mma = "/".join(sorted({v.mma for v in vs}))
+        consts = " ".join(c for c in shape.split() if c.startswith(("HAS_", "HEAD_DIM", "WITH_", "NEED_")))
+        out.append(f"| {group} | {kernel} {consts} | {regs[0]}-{regs[-1]} | {smem[0] / 1024:.0f}-{smem[-1] / 1024:.0f} KB"
+                   f" | {max(v.spill for v in vs)} | {mma} | {nbytes / 1e6:,.0f} MB | {nflop / 1e9:,.1f} G | "
+                   f"{1e6 * max(t_mem, t_flop):,.0f} us ({'memory' if t_mem >= t_flop else 'compute'}) |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, choices=sorted(LIMITS), nargs="+", default=[90])
@@ -323,6 +374,8 @@ def main(argv=None):
     p.add_argument("--model", choices=MODELS + ("all",), default="all")
     p.add_argument("--kernel", choices=("attention", "adaln", "eqm_loss"), default=None,
                    help="only this kernel family (default: all)")
+    p.add_argument("--table", action="store_true",
+                   help="also print a markdown table per kernel (first --arch): ranges, bytes/FLOP, H100 bound")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter was chosen at import: restart without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -330,10 +383,13 @@ def main(argv=None):
     precisions = PRECISIONS if "all" in args.precision else tuple(args.precision)
     models = MODELS if args.model == "all" else (args.model,)
     failed = total = 0
-    for arch in args.arch:
-        variants = check(arch, models, precisions, args.kernel)
+    table = []
+    for i, arch in enumerate(args.arch):
+        variants = check(arch, models, precisions, args.kernel, table=table if args.table and i == 0 else None)
         total += len(variants)
         failed += sum(bool(v.problems(arch)) for v in variants)
+    if args.table:
+        print(markdown_table(table))
     print(f"{total} variants, {failed} failed")
     return 1 if failed else 0
 
