@@ -205,3 +205,17 @@ def test_adaln_output_in_autocast_dtype():
     (gx,) = torch.autograd.grad(h.float().sum() + r.sum(), x)
     (gx_ref,) = torch.autograd.grad(h_ref.sum() + r_ref.sum(), x)
     torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_fused_model_under_autocast_matches_eager():
+    """The autocast-dtype lookup of the fused adaLN traces under torch.compile(fullgraph=True)."""
+    fused, _, _ = _models(seed=5)
+    x = torch.randn(2, 4, 8, 8)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fused(x, None, Y)
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, f(x), atol=0, rtol=0)
