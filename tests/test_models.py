@@ -301,10 +301,10 @@ def test_fused_routes_hot_ops_to_kernels(monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    ref_adaln = lambda x, shift, scale, eps: M.modulate(torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps),
-                                                        shift, scale)
+    ref_adaln = lambda x, shift, scale, eps, out_dtype=None: M.modulate(  # noqa: E731
+        torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
-    def ref_gated(x, gate, y, shift, scale, eps):
+    def ref_gated(x, gate, y, shift, scale, eps, out_dtype=None):
         r = x + gate.unsqueeze(1) * y
         return r, ref_adaln(r, shift, scale, eps)
 
