@@ -185,11 +185,13 @@ def _capture(launches):
 
 # ---------------------------------------------------------------- the model's kernel calls, on meta tensors
 def _model_calls(name, precision, only=None):
-    """Run the host wrappers as the model does at `name` shapes; returns [(kernel label, shape label)] per call."""
+    """Run the host wrappers as the model does at `name` shapes (kernel launches are captured by the caller);
+    returns (a header line, the dimensions for `cost`)."""
     import torch
     from eqm.models import EqM_configs
     # (importlib: the package attributes `attention` and `eqm_loss` are the public functions, not the modules)
-    adaln, attention, eqm_loss = (importlib.import_module(f"{__package__}.{m}") for m in ("adaln", "attention", "eqm_loss"))
+    adaln, attention, eqm_loss = (importlib.import_module(f"{__package__}.{m}")
+                                  for m in ("adaln", "attention", "eqm_loss"))
 
     _, D, H, p = EqM_configs[name] if name in EqM_configs else (0, 1024, 8, 2)
     if name not in EqM_configs:
@@ -198,11 +200,9 @@ def _model_calls(name, precision, only=None):
     act = torch.bfloat16 if precision == "bf16" else torch.float32
     f32 = torch.float32
     meta = dict(device="meta")
-    calls = []
 
     def run(label, fn):
         if only is None or label.startswith(only):
-            calls.append(label)
             fn()
 
     def attn():  # q, k, v: views of the qkv Linear output, as Attention.forward makes them
@@ -258,7 +258,6 @@ def _labels(fn, kwargs):
 
 def compile_variant(fn, config, args, kwargs, arch):
     """Compile one launch with one autotune config for `arch`; returns the Variant."""
-    import triton
     from triton import knobs
 
     kw = dict(kwargs)
@@ -266,8 +265,7 @@ def compile_variant(fn, config, args, kwargs, arch):
         kw.update(config.all_kwargs())
     kw = {k: v for k, v in kw.items() if k not in ("num_ctas", "maxnreg", "pre_hook", "ir_override") or v}
     name, consts, tiles = _labels(fn, kw)
-    dtypes = sorted({str(a.dtype).replace("torch.", "").replace("float", "f").replace("bf16", "bf16")
-                     for a in args if isinstance(a, _Ptr)})
+    dtypes = sorted({str(a.dtype).replace("torch.", "").replace("float", "f") for a in args if isinstance(a, _Ptr)})
     v = Variant(name, " ".join([consts, "/".join(dtypes)]).strip(), tiles)
     log = io.StringIO()
     start = time.perf_counter()
@@ -289,7 +287,6 @@ def compile_variant(fn, config, args, kwargs, arch):
     v.has_dot = "tt.dot" in kernel.asm["ttir"]
     if not v.has_dot:
         v.mma = "-"
-    del triton
     return v
 
 
@@ -377,6 +374,7 @@ def main(argv=None):
     p.add_argument("--table", action="store_true",
                    help="also print a markdown table per kernel (first --arch): ranges, bytes/FLOP, H100 bound")
     args = p.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly (no warning)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter was chosen at import: restart without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *(argv or sys.argv[1:])], env)

@@ -316,7 +316,8 @@ def _launch_forward(q, k, v, scale):
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     meta = _meta(q, k, v)
-    _TUNED[8 * q.element_size()]["fwd"][_grid("BLOCK_M", N, B, H)](q, k, v, o, lse, *_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, **meta)
+    _TUNED[8 * q.element_size()]["fwd"][_grid("BLOCK_M", N, B, H)](
+        q, k, v, o, lse, *_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, **meta)
     return o, lse
 
 
