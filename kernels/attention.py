@@ -251,30 +251,45 @@ def _tuned(fn, blocks, key):
     return triton.autotune([c for c, _ in pairs], key=key, prune_configs_by={"early_config_prune": prune})(fn)
 
 
-# Autotune configs (BLOCK_M, BLOCK_N, warps, stages, widest head tile) per input width, pruned with
-# `python -m kernels.aot`: every one compiles for sm_90 and sm_80 within the limits and without spills
-# at head dims 64, 72 (64 + 16 tiles) and, where its last entry says 128, 128.
+# Autotune configs (BLOCK_M, BLOCK_N, warps, stages, widest head tile) per input width and GPU generation
+# (sm_90 and later, or sm_80-89), pruned with `python -m kernels.aot`: each one compiles within the limits
+# and without spills at head dims 64, 72 (64 + 16 tiles) and, where its last entry says 128, 128.
+_CONFIGS_16 = {"fwd": [(128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (128, 32, 4, 3, 80), (64, 32, 4, 2, 128)],
+               "dkdv": [(64, 64, 8, 2, 128), (32, 64, 4, 3, 128), (32, 32, 4, 3, 128)],
+               "dq": [(128, 64, 8, 2, 80), (128, 32, 4, 2, 80), (64, 64, 4, 2, 128), (64, 32, 4, 3, 128)]}
+_FWD_32 = [(128, 64, 8, 3, 80), (64, 64, 4, 3, 80), (128, 32, 4, 3, 80), (64, 32, 4, 2, 128)]
 _CONFIGS = {
-    16: {"fwd": [(128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (128, 32, 4, 3, 80), (64, 32, 4, 2, 128)],
-         "dkdv": [(64, 64, 8, 2, 128), (32, 64, 4, 3, 128), (32, 32, 4, 3, 128)],
-         "dq": [(128, 64, 8, 2, 80), (128, 32, 4, 2, 80), (64, 64, 4, 2, 128), (64, 32, 4, 3, 128)]},
-    32: {"fwd": [(128, 64, 8, 3, 80), (64, 64, 4, 3, 80), (128, 32, 4, 3, 80), (64, 32, 4, 2, 128)],
-         "dkdv": [(16, 32, 4, 2, 128)],
-         "dq": [(128, 32, 8, 2, 80), (64, 32, 4, 3, 128)]},
+    (16, 90): _CONFIGS_16,
+    (16, 80): _CONFIGS_16,
+    (32, 90): {"fwd": _FWD_32,
+               "dkdv": [(32, 64, 8, 2, 128), (32, 64, 8, 3, 128), (32, 64, 4, 3, 80), (64, 64, 8, 2, 64),
+                        (16, 32, 4, 2, 128)],
+               "dq": [(128, 64, 8, 2, 80), (128, 32, 8, 2, 128), (64, 64, 4, 2, 128), (64, 32, 4, 3, 128)]},
+    (32, 80): {"fwd": _FWD_32,
+               "dkdv": [(64, 32, 8, 2, 128), (32, 32, 8, 2, 128), (16, 32, 4, 2, 128), (32, 32, 4, 2, 128)],
+               "dq": [(128, 32, 8, 2, 80), (64, 32, 4, 3, 128)]},
 }
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 if INTERPRET:
     # Small blocks under the interpreter, so that masked tails and the loops get exercised.
-    _TUNED = {bits: _KERNELS for bits in _CONFIGS}
+    _TUNED = {key: _KERNELS for key in _CONFIGS}
     _FIXED = {"BLOCK_M": 32, "BLOCK_N": 32}
 else:
     # EQM_AUTOTUNE=0 (GPU tests): the last config of each list only (it fits every head tile), no benchmarking.
     _KEY = ["N", "HEAD_DIM", "ALIGN", "PRECISION"]
     _ONE = os.environ.get("EQM_AUTOTUNE") == "0"
-    _TUNED = {bits: {name: _tuned(fn, cfgs[name][-1:] if _ONE else cfgs[name], _KEY) for name, fn in _KERNELS.items()}
-              for bits, cfgs in _CONFIGS.items()}
+    _TUNED = {key: {name: _tuned(fn, cfgs[name][-1:] if _ONE else cfgs[name], _KEY) for name, fn in _KERNELS.items()}
+              for key, cfgs in _CONFIGS.items()}
     _FIXED = {}
+
+
+def _kernels(t):
+    """The kernels for t's width on this GPU's generation (the interpreter: the plain kernels)."""
+    if INTERPRET:
+        return _KERNELS
+    arch = triton.runtime.driver.active.get_current_target().arch
+    return _TUNED[(8 * t.element_size(), 90 if arch >= 90 else 80)]
 
 
 def _split_head_dim(dh):
@@ -316,7 +331,7 @@ def _launch_forward(q, k, v, scale):
     o = torch.empty((B, H, N, Dh), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     meta = _meta(q, k, v)
-    _TUNED[8 * q.element_size()]["fwd"][_grid("BLOCK_M", N, B, H)](
+    _kernels(q)["fwd"][_grid("BLOCK_M", N, B, H)](
         q, k, v, o, lse, *_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, **meta)
     return o, lse
 
@@ -332,7 +347,7 @@ def _launch_backward(q, k, v, o, lse, do, scale):
                                                             BLOCK_D=triton.next_power_of_2(Dh))
     dq, dk, dv = (torch.empty((B, H, N, Dh), dtype=t.dtype, device=q.device) for t in (q, k, v))
     args = (*_strides(meta["ALIGN"], q, k, v), H, N, scale * LOG2E, scale)
-    tuned = _TUNED[8 * q.element_size()]
+    tuned = _kernels(q)
     tuned["dkdv"][_grid("BLOCK_N", N, B, H)](q, k, v, do, lse, delta, dk, dv, *args, **meta)
     tuned["dq"][_grid("BLOCK_M", N, B, H)](q, k, v, do, lse, delta, dq, *args, **meta)
     return dq, dk, dv
