@@ -102,11 +102,12 @@ class EqMLoss(torch.nn.Module):
 
 
 class TrainStep:
-    """`step(x1, y) -> loss`: one optimizer step of the EqM objective, compiled and in bf16 where asked.
+    """`step(x1, y) -> loss`: one optimizer step of the EqM objective, compiled, in bf16 where that is fast.
 
     model: the bare EqM (not DDP-wrapped: pass ddp=True instead).
     opt: its optimizer (make_optimizer); ema: an EMA or None; ema_decay: its decay per step.
-    precision: "bf16" (autocast, fp32 master weights), "tf32" or "fp32".
+    precision: "auto" (default: bf16 where a bf16 matmul is clearly faster on this device, measured once per
+        process by eqm.runtime; else fp32/tf32), "bf16" (autocast, fp32 master weights), "tf32" or "fp32".
     compile: torch.compile the forward + loss with fullgraph=True; backend: the compile backend
         ("inductor"; "aot_eager" traces the same graph without code generation, for quick tests).
     fused: set model.fused (None leaves it as it is).
@@ -119,7 +120,7 @@ class TrainStep:
         any rank (one host sync per step); `self.skipped` tells whether the last step was skipped.
     """
 
-    def __init__(self, model, opt, *, ema=None, ema_decay=0.9999, precision="bf16", compile=True,
+    def __init__(self, model, opt, *, ema=None, ema_decay=0.9999, precision="auto", compile=True,
                  backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None, model_kwargs=None,
                  check_finite=False, skip_nonfinite=False):
         if isinstance(model, DDP):
@@ -133,6 +134,9 @@ class TrainStep:
         self.device = next(model.parameters()).device
         if fused is not None:
             model.fused = bool(fused)
+        from eqm.runtime import resolve_precision
+
+        self.precision = precision = resolve_precision(precision, self.device)
         set_precision(precision, self.device)
         loss = EqMLoss(model, a, lam, precision, model_kwargs)
         if compile:

@@ -1,0 +1,107 @@
+"""Digits sample quality against training time: class accuracy (eqm.digits_eval) at CFG 1 and 2.
+
+    python bench/digits_curve.py                       # the eqm-train digits defaults, 3 minutes
+    python bench/digits_curve.py --model EqM-Ti/4 --batch-size 128 --lr 2e-3 --minutes 3
+
+Trains in-process the way `eqm-train --data-path digits` does (same defaults, TrainStep, EMA) and, at every
+--eval-every minutes of training wall time, copies the EMA weights; after training each copy is sampled
+the way `eqm-sample` samples digits (GD, 250 steps, its eta) and scored by the real-digits classifier.
+Evaluation time is not training time: the clock stops while the weights are copied.
+Prints a table (minutes, steps, loss, accuracy at CFG 1 and 2) and optionally writes it as JSON.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eqm import digits_eval, runtime  # noqa: E402
+from eqm.data import load_digits_tensor  # noqa: E402
+from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
+from eqm.models import EqM_models  # noqa: E402
+from eqm.sample import DIGITS_DEFAULTS as SAMPLE_DEFAULTS  # noqa: E402
+from eqm.samplers import sample  # noqa: E402
+from eqm.train import DIGITS_DEFAULTS as TRAIN_DEFAULTS  # noqa: E402
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=TRAIN_DEFAULTS["model"], choices=list(EqM_models))
+    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["global_batch_size"])
+    p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
+    p.add_argument("--ema-decay", type=float, default=TRAIN_DEFAULTS["ema_decay"])
+    p.add_argument("--minutes", type=float, default=3.0, help="training wall time")
+    p.add_argument("--eval-every", type=float, default=0.5, help="minutes of training between evaluations")
+    p.add_argument("--samples", type=int, default=200, help="samples per evaluation and CFG scale (class-balanced)")
+    p.add_argument("--sample-steps", type=int, default=250)
+    p.add_argument("--stepsize", type=float, default=SAMPLE_DEFAULTS["stepsize"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=None, help="default: chosen by eqm.runtime")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    return p
+
+
+@torch.no_grad()
+def evaluate(model, n, steps, stepsize, cfg_scale, precision, seed=0):
+    """Class accuracy of n samples (labels 0..9 in turn) drawn as eqm-sample draws digits."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    with runtime.autocast_for(precision):
+        out = sample(model, x, y, sampler="gd", steps=steps, stepsize=stepsize, cfg_scale=cfg_scale, cfg_channels=1)
+    return digits_eval.class_accuracy(out.float(), y)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    precision = runtime.resolve_precision(args.precision, "cpu")
+    x_all, y_all = load_digits_tensor()
+    model = EqM_models[args.model](input_size=8, in_channels=1, num_classes=10)
+    threads = runtime.configure_threads(model, args.batch_size, args.threads)
+    print(f"{args.model}, batch {args.batch_size}, lr {args.lr}, EMA {args.ema_decay}, {precision} "
+          f"({runtime.precision_reason()}), {threads} thread(s), compile {args.compile}")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    step_fn = TrainStep(model, make_optimizer(model, lr=args.lr), ema=EMA(model, ema), ema_decay=args.ema_decay,
+                        precision=precision, compile=args.compile)
+    model.train()
+    snapshots, trained, step, losses = [], 0.0, 0, []
+    next_eval = args.eval_every * 60
+    perm = torch.randperm(len(x_all))
+    pos = 0
+    t0 = time.perf_counter()
+    while trained < args.minutes * 60:
+        if pos + args.batch_size > len(x_all):
+            perm, pos = torch.randperm(len(x_all)), 0
+        idx = perm[pos:pos + args.batch_size]
+        pos += args.batch_size
+        losses.append(float(step_fn(x_all[idx], y_all[idx])))
+        step += 1
+        trained = time.perf_counter() - t0
+        if trained >= next_eval or trained >= args.minutes * 60:
+            loss = sum(losses[-50:]) / len(losses[-50:])
+            snapshots.append((trained / 60, step, loss, copy.deepcopy(ema.state_dict())))
+            print(f"  {trained / 60:5.2f} min  step {step:6d}  loss {loss:.3f}", flush=True)
+            next_eval += args.eval_every * 60
+            t0 += time.perf_counter() - t0 - trained  # the copy is not training time
+    rows = []
+    for minutes, step, loss, state in snapshots:
+        ema.load_state_dict(state)
+        acc = {s: evaluate(ema, args.samples, args.sample_steps, args.stepsize, s, precision) for s in (1.0, 2.0)}
+        rows.append(dict(minutes=round(minutes, 3), step=step, loss=loss, acc_cfg1=acc[1.0], acc_cfg2=acc[2.0]))
+        print(f"{minutes:5.2f} min  step {step:6d}  loss {loss:.3f}  acc cfg1 {acc[1.0]:.3f}  cfg2 {acc[2.0]:.3f}",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config=vars(args), precision=precision, threads=threads, rows=rows), f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""What is fast on this machine, measured once per process: the compute precision and the thread count.
+
+CPUs differ: with avx512_bf16 / AMX a bf16 matmul runs several times faster than fp32; on an AVX2-only CPU
+it is emulated and runs ~75x slower. So precision "auto" times one small matmul in each dtype (well under a
+second, even where bf16 is slow) and picks bf16 only where it clearly wins. Small models (digits, the CPU
+benchmarks) have ops too small to share between cores on a busy machine, so the thread count is chosen
+by timing the model's own forward pass at 1 and at all threads.
+"""
+import functools
+import os
+import time
+
+import torch
+
+from eqm.fast import autocast
+
+BF16_MIN_SPEEDUP = 1.5  # bf16 autocast adds casts: a matmul speed-up below this does not pay end to end
+THREAD_MIN_SPEEDUP = 1.1  # more threads must beat one thread by this much (contention makes them risky)
+SMALL_MODEL_GFLOP = 20.0  # a forward pass of the batch below this is "small": its thread count is probed
+
+_reasons = {}
+
+
+def decide_precision(t_fp32, t_bf16, device_type="cpu"):
+    """(precision, reason) from the seconds one fp32 and one bf16 matmul of the same size took."""
+    fp32 = "tf32" if device_type == "cuda" else "fp32"
+    speedup = t_fp32 / max(t_bf16, 1e-12)
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"bf16 matmul {speedup:.1f}x faster than {fp32} here (probe)"
+    return fp32, f"bf16 matmul only {speedup:.2g}x the speed of {fp32} here (probe; bf16 needs >= {BF16_MIN_SPEEDUP}x)"
+
+
+def _matmul_seconds(dtype, device, n, budget_s):
+    """Best seconds of an n x n x n matmul in dtype, spending about budget_s (at least 2 runs)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < 2 or (spent < budget_s and runs < 20):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def probe_precision(device_type="cpu"):
+    """The fast precision on this device, decided by a sub-second matmul probe once per process."""
+    device = torch.device(device_type)
+    n = 2048 if device.type == "cuda" else 256
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        t_fp32 = _matmul_seconds(torch.float32, device, n, 0.05)
+        t_bf16 = _matmul_seconds(torch.bfloat16, device, n, 0.05)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    precision, reason = decide_precision(t_fp32, t_bf16, device.type)
+    _reasons[device.type] = reason
+    return precision
+
+
+def resolve_precision(precision, device):
+    """"auto" -> the probed precision of `device`; explicit precisions are returned unchanged."""
+    if precision != "auto":
+        _reasons.setdefault(torch.device(device).type, "set explicitly")
+        return precision
+    return probe_precision(torch.device(device).type)
+
+
+def precision_reason(device="cpu"):
+    """Why resolve_precision chose what it chose on this device (a short sentence)."""
+    return _reasons.get(torch.device(device).type, "not resolved yet")
+
+
+def autocast_for(precision, device="cpu"):
+    """bf16 autocast for "bf16", else a no-op."""
+    return autocast(device, precision)
+
+
+def decide_threads(seconds):
+    """Thread count from {threads: [seconds of the same work]}: the most threads whose median beats one
+    thread's by THREAD_MIN_SPEEDUP (and every smaller count it beats), else 1."""
+    med = {n: sorted(ts)[len(ts) // 2] for n, ts in seconds.items()}
+    best = 1
+    for n in sorted(med):
+        if n > 1 and med[n] * THREAD_MIN_SPEEDUP <= med[1] and med[n] <= med[best]:
+            best = n
+    return best
+
+
+def probe_threads(work, max_threads, reps=3):
+    """Time work() at 1 and max_threads threads, interleaved (reps each after a warm-up); decide_threads.
+    Stops early when the first timed round already shows many threads losing clearly (a busy machine)."""
+    seconds = {1: [], max_threads: []}
+    torch.set_num_threads(1)
+    work()
+    for r in range(reps):
+        for n in (1, max_threads):
+            torch.set_num_threads(n)
+            t0 = time.perf_counter()
+            work()
+            seconds[n].append(time.perf_counter() - t0)
+        if r == 0 and seconds[max_threads][0] > 2 * seconds[1][0]:
+            break
+    return decide_threads(seconds)
+
+
+def configure_threads(model, batch_size, threads=None, device="cpu"):
+    """Set torch's CPU thread count for running `model` at `batch_size`; returns it.
+
+    threads: an explicit count (used as is). Otherwise OMP_NUM_THREADS, when set, wins; a small model
+    (a forward pass of the batch under SMALL_MODEL_GFLOP) gets the faster of 1 and all threads, timed on
+    its own forward pass; a larger one keeps torch's default (all cores). CUDA runs are left alone.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return threads
+    if torch.device(device).type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return _probe_model_threads(model, batch_size)
+
+
+def _probe_model_threads(model, batch_size):
+    from eqm.fast import forward_flops_per_image, unwrap
+
+    max_threads = os.cpu_count() or 1
+    m = unwrap(model)
+    if max_threads == 1 or forward_flops_per_image(m) * batch_size / 1e9 > SMALL_MODEL_GFLOP:
+        torch.set_num_threads(max_threads)
+        return max_threads
+    param = next(m.parameters())
+    x = torch.randn(batch_size, m.in_channels, m.input_size, m.input_size, device=param.device)
+    t = torch.zeros(batch_size, device=param.device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=param.device)
+
+    def work():
+        with torch.no_grad():
+            m(x, t, y)
+    n = probe_threads(work, max_threads)
+    torch.set_num_threads(n)
+    return n
