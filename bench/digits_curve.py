@@ -36,6 +36,9 @@ def get_parser():
     p.add_argument("--ema-decay", type=float, default=TRAIN_DEFAULTS["ema_decay"])
     p.add_argument("--minutes", type=float, default=3.0, help="training wall time")
     p.add_argument("--eval-every", type=float, default=0.5, help="minutes of training between evaluations")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps instead (and evaluate every --eval-steps)")
+    p.add_argument("--eval-steps", type=int, default=500)
     p.add_argument("--samples", type=int, default=200, help="samples per evaluation and CFG scale (class-balanced)")
     p.add_argument("--sample-steps", type=int, default=250)
     p.add_argument("--stepsize", type=float, default=SAMPLE_DEFAULTS["stepsize"])
@@ -70,13 +73,20 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     step_fn = TrainStep(model, make_optimizer(model, lr=args.lr), ema=EMA(model, ema), ema_decay=args.ema_decay,
                         precision=precision, compile=args.compile)
+    step_fn = runtime.ThreadGovernor(step_fn, enabled=args.threads is None)
     model.train()
     snapshots, trained, step, losses = [], 0.0, 0, []
     next_eval = args.eval_every * 60
     perm = torch.randperm(len(x_all))
     pos = 0
     t0 = time.perf_counter()
-    while trained < args.minutes * 60:
+    def done():
+        return step >= args.max_steps if args.max_steps else trained >= args.minutes * 60
+
+    def due():
+        return step % args.eval_steps == 0 if args.max_steps else trained >= next_eval
+
+    while not done():
         if pos + args.batch_size > len(x_all):
             perm, pos = torch.randperm(len(x_all)), 0
         idx = perm[pos:pos + args.batch_size]
@@ -84,7 +94,7 @@ def main(argv=None):
         losses.append(float(step_fn(x_all[idx], y_all[idx])))
         step += 1
         trained = time.perf_counter() - t0
-        if trained >= next_eval or trained >= args.minutes * 60:
+        if due() or done():
             loss = sum(losses[-50:]) / len(losses[-50:])
             snapshots.append((trained / 60, step, loss, copy.deepcopy(ema.state_dict())))
             print(f"  {trained / 60:5.2f} min  step {step:6d}  loss {loss:.3f}", flush=True)
@@ -100,6 +110,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(config=vars(args), precision=precision, threads=threads, rows=rows), f, indent=2)
+    print(f"thread-count switches during training: {step_fn.switches}; ended at {torch.get_num_threads()}")
     return rows
 
 

@@ -7,13 +7,18 @@ reference: eager fp32 (TF32 on CUDA, as the published code sets), fused=False, t
     EMA and eqm.samplers.sample: the published code's way of running.
 fast: eqm.fast.TrainStep (torch.compile fullgraph, bf16 autocast over fp32 weights, fused AdamW on CUDA,
     foreach EMA, fused kernels on CUDA) and eqm.graph_sampler (static buffers, compiled step, CUDA graph).
-    On CPU: compile + static buffers, bf16 when this CPU's bf16 matmul beats fp32 (measured at start),
-    kernels off (they would run the Triton interpreter or an opaque reference op).
+    On CPU: static buffers, bf16 where eqm.runtime's sub-second matmul probe finds it clearly faster than
+    fp32 (avx512_bf16 / AMX CPUs; never on AVX2-only ones), kernels off (they would run the Triton interpreter),
+    and compile only with --compile on: a cold CPU compile takes minutes and gains ~1.1x, so it does not pay
+    within a benchmark (the compile cache makes a repeated --compile run start in seconds).
+Inputs are random latents of the model's input size (image_size / 8): the VAE is not run.
+Both training and sampling report the median over their timed runs; "setup s" is each path's build time
+(compilation included) and is not part of the throughput.
 
 FLOPs are counted analytically from the config (eqm.fast.forward_flops_per_image: matmuls and attention
 scores; training = 3x forward, sampling = (steps - 1) evaluations, doubled with CFG); utilisation is
 achieved FLOP/s over a matmul peak measured here, in the dtype the path computes in.
-Timings exclude warm-up (compilation, CUDA graph capture).
+Timings exclude warm-up (compilation, CUDA graph capture), which the setup column reports instead.
 """
 import argparse
 import copy
@@ -31,6 +36,7 @@ from eqm import validate as V  # noqa: E402
 from eqm.distributed import resolve_device  # noqa: E402
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,  # noqa: E402
                       set_precision, train_flops_per_image)
+from eqm import runtime  # noqa: E402
 from eqm.graph_sampler import GraphSampler  # noqa: E402
 from eqm.models import EqM_models  # noqa: E402
 from eqm.objective import eqm_training_losses  # noqa: E402
@@ -45,7 +51,7 @@ def sync(device):
 def matmul_peak_tflops(device, dtype, n=None, reps=None):
     """Measured dense matmul TFLOP/s of an n x n x n product in `dtype` (fp32 uses TF32 on CUDA)."""
     n = n or (8192 if device.type == "cuda" else 1024)
-    reps = reps or (20 if device.type == "cuda" else 8)
+    reps = reps or (20 if device.type == "cuda" else 4)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -162,6 +168,7 @@ class Path:
         self.name, self.args, self.device, self.kind = name, args, device, kind
         self.train_times, self.sample_times = [], {False: [], True: []}
         self.precision = precision
+        t_setup = time.perf_counter()
         mem = PeakMemory(device)
         mem.reset()
         m = self.model = copy.deepcopy(base_model).eval()  # eval throughout: the train step passes train=True
@@ -203,6 +210,7 @@ class Path:
             self.sample_fn[use_cfg], self.sample_batch = on_oom_halve(
                 lambda b: build_sample(b, use_cfg), self.sample_batch or args.sample_batch_size, f"{name} sampling")
         self.peak_mem_gb = mem.gb() - mem.baseline_gb
+        self.setup_s = time.perf_counter() - t_setup
 
     def _set_precision(self):
         set_precision("tf32" if self.kind == "reference" else self.precision, self.device)
@@ -215,11 +223,11 @@ class Path:
             self.sample_times[use_cfg] += timed(fn, 1, self.device, f"{self.name}: sample{' cfg' if use_cfg else ''}")
 
     def results(self):
-        """img/s: training from the median step time, sampling from the best run."""
-        out = {"train_img_s": self.train_batch / statistics.median(self.train_times)}
+        """img/s from the median time of the timed runs, for training and sampling alike."""
+        out = {"train_img_s": self.train_batch / statistics.median(self.train_times), "setup_s": self.setup_s}
         for use_cfg, key in ((False, "sample_img_s"), (True, "sample_cfg_img_s")):
             if self.sample_times[use_cfg]:
-                out[key] = self.sample_batch / min(self.sample_times[use_cfg])
+                out[key] = self.sample_batch / statistics.median(self.sample_times[use_cfg])
         return out
 
 
@@ -241,10 +249,14 @@ def get_parser():
                    help="timed training steps per round (default 20 CUDA, 4 CPU); the median counts")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (compilation)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="timing rounds, paths in alternating order (default 1 CUDA, 2 CPU); sampling: best run")
+                   help="timing rounds, paths in alternating order (default 1 CUDA, 3 CPU); medians")
     p.add_argument("--graph-block", type=int, default=10, help="sampling steps per captured CUDA graph")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="fast path: auto = bf16 on CUDA; on CPU bf16 if its measured matmul peak beats fp32")
+                   help="fast path: auto = bf16 where a sub-second matmul probe finds it clearly faster")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="fast path torch.compile (auto: on with CUDA; on CPU it costs minutes cold and gains ~1.1x)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for every path (default: probed for this model, 1 or all cores)")
     p.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fast path kernels (auto: CUDA)")
     p.add_argument("--breakdown", action="store_true",
                    help="also measure the pieces one at a time (+compile, +bf16, +fused; the CUDA graph is the "
@@ -270,7 +282,7 @@ def resolve(args):
     args.sample_batch_size = args.sample_batch_size or (args.batch_size if gpu else 8)
     args.sample_steps = args.sample_steps or (250 if gpu else 30)
     args.train_iters = args.train_iters or (20 if gpu else 4)
-    args.rounds = args.rounds or (1 if gpu else 2)
+    args.rounds = args.rounds or (1 if gpu else 3)
     if args.image_size % 8:
         raise SystemExit(f"--image-size must be a multiple of 8 (the VAE factor), got {args.image_size}")
     if args.sample_steps < 2:
@@ -289,43 +301,50 @@ def main(argv=None):
         print("note: TRITON_INTERPRET=1 is set; fused kernels would run in the interpreter (slow)")
     torch.manual_seed(args.seed)
     gpu = device.type == "cuda"
-    dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
-
-    print(f"measuring matmul peaks on {dev_name} ...")
-    set_precision("tf32", device)
-    peaks = {"fp32": matmul_peak_tflops(device, torch.float32), "bf16": matmul_peak_tflops(device, torch.bfloat16)}
-    if args.precision == "auto":
-        precision = "bf16" if gpu or peaks["bf16"] > 1.2 * peaks["fp32"] else "fp32"
-    else:
-        precision = args.precision
-    fused = gpu if args.fused == "auto" else args.fused == "on"
-    pieces = {"compile": True, "precision": precision, "fused_kernels": fused, "cuda_graph": gpu,
-              "static_buffers": True, "optimizer": "fused AdamW" if gpu else "foreach AdamW", "ema": "foreach lerp"}
 
     latent = args.image_size // 8
     model = EqM_models[args.model](input_size=latent, num_classes=1000).to(device)
+    threads = runtime.configure_threads(model, args.batch_size, args.threads, device)
+    dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({threads} of {os.cpu_count()} threads)"
+    precision = runtime.resolve_precision(args.precision, device)
+    print(f"precision {precision}: {runtime.precision_reason(device)}")
+    fused = gpu if args.fused == "auto" else args.fused == "on"
+    compile = gpu if args.compile == "auto" else args.compile == "on"
+    pieces = {"compile": compile, "precision": precision, "fused_kernels": fused, "cuda_graph": gpu,
+              "static_buffers": True, "optimizer": "fused AdamW" if gpu else "foreach AdamW", "ema": "foreach lerp"}
+    # matmul peaks (for utilisation) only in the dtypes the paths compute in: bf16 can be 75x slower on AVX2
+    set_precision("tf32", device)
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if precision == "bf16" else {})}
+    peaks = {k: matmul_peak_tflops(device, dt) for k, dt in dtypes.items()}
+    peaks.setdefault(precision, peaks["fp32"])  # tf32 on CUDA: the fp32/TF32 peak
+
     fwd = forward_flops_per_image(model)
     train_flops = train_flops_per_image(model)
     s_flops = sample_flops_per_image(model, args.sample_steps)
     s_flops_cfg = sample_flops_per_image(model, args.sample_steps, cfg=True)
-    print(f"{args.model} at {args.image_size}px ({latent}x{latent} latents, {model.num_patches} tokens): "
+    what = (f"random {latent}x{latent}x{model.in_channels} latents (the VAE latent of a "
+            f"{args.image_size}x{args.image_size}x3 image; the VAE is not run)")
+    args.what = what
+    print(f"{args.model} on {what}, {model.num_patches} tokens: "
           f"{model.num_params / 1e6:.1f}M params, {fwd / 1e9:.2f} GFLOP forward per image")
     print(f"train batch {args.batch_size}, sample batch {args.sample_batch_size}, NAG-GD {args.sample_steps} steps "
-          f"(cfg {args.cfg_scale}); peak matmul fp32{'/TF32' if gpu else ''} {peaks['fp32']:.2f}, "
-          f"bf16 {peaks['bf16']:.2f} TFLOP/s")
+          f"(cfg {args.cfg_scale}); peak matmul " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()) + " TFLOP/s")
     print("fast path pieces: " + ", ".join(f"{k}={v}" for k, v in pieces.items()))
 
     paths = [("reference", dict(kind="reference")),
-             ("fast", dict(kind="fast", precision=precision, compile=True, fused=fused, cuda_graph=gpu))]
+             ("fast", dict(kind="fast", precision=precision, compile=compile, fused=fused, cuda_graph=gpu))]
     if args.breakdown:  # the pieces one at a time, between the two (uncond sampling only)
-        on = dict(kind="fast", precision="fp32", compile=True, fused=False, cuda_graph=False, cfg=False)
-        steps = [("+compile (fp32)", dict(on))]
+        on = dict(kind="fast", precision="fp32", compile=False, fused=False, cuda_graph=False, cfg=False)
+        steps = [("+static buffers (fp32)", dict(on))]
+        if compile:
+            on["compile"] = True
+            steps.append(("+compile", dict(on)))
         if precision == "bf16":
             on["precision"] = "bf16"
-            steps.append(("+compile +bf16", dict(on)))
+            steps.append(("+bf16", dict(on)))
         if fused:
             on["fused"] = True
-            steps.append(("+compile +bf16 +fused", dict(on)))
+            steps.append(("+fused", dict(on)))
         fast_kw = dict(paths[1][1], cfg=False)
         paths[1:1] = [(n, kw) for n, kw in steps if kw != fast_kw]  # a step equal to the fast path is the fast path
     built = [Path(name, model, args, device, **kw) for name, kw in tqdm(paths, desc="compile + warm-up")]
@@ -337,8 +356,9 @@ def main(argv=None):
 
     # Measure the peaks again now and keep the best: a busy moment at start-up would inflate every MFU.
     set_precision("tf32", device)
-    for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for key, dtype in dtypes.items():
         peaks[key] = max(peaks[key], matmul_peak_tflops(device, dtype))
+    peaks[precision] = peaks.get(precision) if precision in dtypes else peaks["fp32"]
     results = {}
     for path in built:
         res = path.results()
@@ -353,15 +373,16 @@ def main(argv=None):
         results[path.name] = res
     breakdown = None
     if args.breakdown:
-        fast_label = " ".join(["fast: +compile", "+bf16" if precision == "bf16" else "", "+fused" if fused else "",
-                               "+CUDA graph" if gpu else ""]).split()
-        breakdown = [{"step": " ".join(fast_label) if name == "fast" else name,
+        fast_label = " ".join(["fast: +static buffers", "+compile" if compile else "", "+bf16" if precision == "bf16"
+                               else "", "+fused" if fused else "", "+CUDA graph" if gpu else ""]).split()
+        breakdown = [{"step": " ".join(fast_label) if name == "fast" else name, "setup_s": results[name]["setup_s"],
                       "train_img_s": results[name]["train_img_s"],
                       "sample_img_s": results[name]["sample_img_s"]} for name, _ in paths]
     speedup = {k: results["fast"][k] / results["reference"][k]
                for k in ("train_img_s", "sample_img_s", "sample_cfg_img_s")}
     print_table(args, dev_name, results, speedup, breakdown)
-    out = {"device": dev_name, "model": args.model, "batch_size": args.batch_size,
+    out = {"device": dev_name, "model": args.model, "measured_on": what, "threads": threads,
+           "precision_reason": runtime.precision_reason(device), "batch_size": args.batch_size,
            "image_size": args.image_size, "sample_batch_size": args.sample_batch_size,
            "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale, "sampler": "ngd", "rounds": args.rounds,
            "reference": results["reference"], "fast": results["fast"], "fast_pieces": pieces,
@@ -405,23 +426,26 @@ def plot(out, path):
 
 def print_table(args, dev_name, results, speedup, breakdown):
     ref, fast = results["reference"], results["fast"]
-    print(f"\n{args.model} @ {args.image_size}px on {dev_name}: train batch {args.batch_size}, "
-          f"sample batch {args.sample_batch_size}, NAG-GD {args.sample_steps} steps, cfg {args.cfg_scale}")
+    print(f"\n{args.model} on {args.what}, {dev_name}: train batch {args.batch_size}, "
+          f"sample batch {args.sample_batch_size}, NAG-GD {args.sample_steps} steps, cfg {args.cfg_scale}; "
+          f"img/s from median times")
     head = f"{'path':<10} {'train img/s':>12} {'sample img/s':>13} {'cfg img/s':>10} {'train TFLOP/s':>14} " \
-           f"{'MFU':>6} {'sample MFU':>11} {'peak mem GB':>12}"
+           f"{'MFU':>6} {'sample MFU':>11} {'peak mem GB':>12} {'setup s':>8}"
     print(head)
     print("-" * len(head))
     for name, r in (("reference", ref), ("fast", fast)):
         print(f"{name:<10} {r['train_img_s']:>12.2f} {r['sample_img_s']:>13.3f} {r['sample_cfg_img_s']:>10.3f} "
-              f"{r['tflops']:>14.3f} {r['mfu']:>6.1%} {r['sample_mfu']:>11.1%} {r['peak_mem_gb']:>12.2f}")
+              f"{r['tflops']:>14.3f} {r['mfu']:>6.1%} {r['sample_mfu']:>11.1%} {r['peak_mem_gb']:>12.2f} "
+              f"{r['setup_s']:>8.1f}")
     print(f"{'speedup':<10} {speedup['train_img_s']:>11.2f}x {speedup['sample_img_s']:>12.2f}x "
           f"{speedup['sample_cfg_img_s']:>9.2f}x")
     print(f"MFU: achieved over the measured matmul peak of the path's dtype "
-          f"(reference fp32 {ref['peak_tflops']:.2f}, fast {fast['peak_tflops']:.2f} TFLOP/s)")
+          f"(reference fp32 {ref['peak_tflops']:.2f}, fast {fast['peak_tflops']:.2f} TFLOP/s); "
+          f"setup: build, warm-up and compilation, not in the img/s")
     if breakdown:
-        print(f"\n{'contribution':<34} {'train img/s':>12} {'sample img/s':>13}")
+        print(f"\n{'contribution':<40} {'train img/s':>12} {'sample img/s':>13} {'setup s':>8}")
         for row in breakdown:
-            print(f"{row['step']:<34} {row['train_img_s']:>12.2f} {row['sample_img_s']:>13.3f}")
+            print(f"{row['step']:<40} {row['train_img_s']:>12.2f} {row['sample_img_s']:>13.3f} {row['setup_s']:>8.1f}")
 
 
 if __name__ == "__main__":

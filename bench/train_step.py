@@ -28,7 +28,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
+                   help="auto: bf16 where a probe finds it faster on this machine (eqm.runtime), else fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the forward + loss, as eqm-train --compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +65,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / args.steps
-    mode = args.precision + (" compiled" if args.compile else "")
+    mode = step_fn.precision + (" compiled" if args.compile else "")
     print(f"{args.model} batch {args.batch_size} input {args.input_size}x{args.input_size}x{args.channels} "
           f"{mode} on {device} ({torch.get_num_threads()} threads): {1 / dt:.3f} steps/s, "
           f"{args.batch_size / dt:.1f} img/s, {dt * 1e3:.0f} ms/step")

@@ -35,7 +35,7 @@ def _matmul_seconds(dtype, device, n, budget_s):
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best, spent, runs = float("inf"), 0.0, 0
-    while runs < 2 or (spent < budget_s and runs < 20):
+    while runs < 3 or (spent < budget_s and runs < 20):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -52,13 +52,15 @@ def probe_precision(device_type="cpu"):
     """The fast precision on this device, decided by a sub-second matmul probe once per process."""
     device = torch.device(device_type)
     n = 2048 if device.type == "cuda" else 256
-    prev = torch.backends.cuda.matmul.allow_tf32
+    prev, threads = torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads()
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_num_threads(1)  # on a busy CPU, extra threads make any timing wait on the other jobs
     try:
         t_fp32 = _matmul_seconds(torch.float32, device, n, 0.05)
         t_bf16 = _matmul_seconds(torch.bfloat16, device, n, 0.05)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
+        torch.set_num_threads(threads)
     precision, reason = decide_precision(t_fp32, t_bf16, device.type)
     _reasons[device.type] = reason
     return precision
@@ -144,3 +146,52 @@ def _probe_model_threads(model, batch_size):
     n = probe_threads(work, max_threads)
     torch.set_num_threads(n)
     return n
+
+
+class ThreadGovernor:
+    """`fn` wrapped so that a long loop keeps the faster of 1 and all threads as other jobs come and go.
+
+    Every `interval` seconds the next two calls run at the other thread count (the first only warms the
+    thread pool) and the count with the lower call time is kept; a trial that loses doubles the interval
+    (up to max_interval_s), so on a steadily busy machine the trials cost well under 2% of the run.
+    Only the thread count changes: every call runs fn once, as without the wrapper. A pass-through where
+    the user fixed the count (OMP_NUM_THREADS) or there is one core.
+    """
+
+    def __init__(self, fn, enabled=True, interval_s=5.0, max_interval_s=120.0, max_threads=None, clock=None):
+        self.fn = fn
+        self.max_threads = max_threads or os.cpu_count() or 1
+        self.enabled = enabled and self.max_threads > 1 and not os.environ.get("OMP_NUM_THREADS")
+        self.min_interval, self.interval, self.max_interval = interval_s, interval_s, max_interval_s
+        self.clock = clock or time.perf_counter
+        self.recent = []  # seconds of the latest calls at the kept count
+        self.trial = None  # (kept count, calls made at the other count) while a trial runs
+        self.next_trial = self.clock() + interval_s
+        self.switches = 0
+
+    def __call__(self, *args, **kwargs):
+        if not self.enabled:
+            return self.fn(*args, **kwargs)
+        t0 = self.clock()
+        out = self.fn(*args, **kwargs)
+        dt = self.clock() - t0
+        if self.trial is None:
+            self.recent = (self.recent + [dt])[-9:]
+            if t0 >= self.next_trial and len(self.recent) >= 3:
+                kept = torch.get_num_threads()
+                self.trial = (kept, 0)
+                torch.set_num_threads(1 if kept > 1 else self.max_threads)
+            return out
+        kept, calls = self.trial
+        if calls == 0:  # warm-up call at the other count
+            self.trial = (kept, 1)
+            return out
+        other, base = torch.get_num_threads(), sorted(self.recent)[len(self.recent) // 2]
+        if decide_threads({kept: [base], other: [dt]}) == other:
+            self.switches += 1
+            self.recent, self.interval = [dt], self.min_interval
+        else:
+            torch.set_num_threads(kept)
+            self.interval = min(2 * self.interval, self.max_interval)
+        self.trial, self.next_trial = None, self.clock() + self.interval
+        return out

@@ -1,0 +1,222 @@
+"""This project's fast path against the published EqM code, same CPU, same model, batch and weights.
+
+    python bench/vs_published.py --published /path/to/raywang4/EqM     # a checkout of the published code
+
+Both run one thread, in interleaved rounds (ABAB...), and report medians and their ratio. Training: the
+published step (transport.training_losses, AdamW, update_ema, fp32) against eqm.fast.TrainStep (precision
+"auto", foreach AdamW and EMA; --compile to compile it). Sampling: the published sample_gd.py loop
+(NAG-GD, forward_with_cfg) against eqm.graph_sampler (static buffers, same precision). Then one step of each
+is profiled (torch.profiler) and the ops taking the most time are listed, so the table says where time goes.
+The published model needs timm's PatchEmbed, Attention and Mlp; where timm cannot be imported (it needs
+torchvision), small equivalents of those three layers stand in for it, and the output says so.
+The published code is only imported from --published, never copied here.
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from eqm import runtime  # noqa: E402
+from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
+from eqm.graph_sampler import GraphSampler  # noqa: E402
+from eqm.models import EqM_configs, EqM_models  # noqa: E402
+
+
+def timm_stand_in():
+    """A module with timm 1.0's PatchEmbed, Attention and Mlp behaviour (fused SDPA attention, no norms)."""
+
+    class PatchEmbed(nn.Module):
+        def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
+            super().__init__()
+            self.num_patches = (img_size // patch_size) ** 2
+            self.patch_size = (patch_size, patch_size)
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)
+
+    class Attention(nn.Module):
+        def __init__(self, dim, num_heads=8, qkv_bias=False, **kw):
+            super().__init__()
+            self.num_heads, self.head_dim = num_heads, dim // num_heads
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(q, k, v)
+            return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    class Mlp(nn.Module):
+        def __init__(self, in_features, hidden_features=None, act_layer=nn.GELU, drop=0.0, **kw):
+            super().__init__()
+            self.fc1 = nn.Linear(in_features, hidden_features)
+            self.act = act_layer()
+            self.fc2 = nn.Linear(hidden_features, in_features)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    return types.SimpleNamespace(PatchEmbed=PatchEmbed, Attention=Attention, Mlp=Mlp)
+
+
+def import_published(path):
+    """(models, transport, note) from a checkout of the published code."""
+    if not os.path.isfile(os.path.join(path, "models.py")) or not os.path.isdir(os.path.join(path, "transport")):
+        raise SystemExit(f"vs_published: error: {path!r} is not a checkout of raywang4/EqM (models.py, transport/)")
+    note = "timm"
+    try:
+        import timm.models.vision_transformer  # noqa: F401
+    except ImportError:
+        vt = types.ModuleType("timm.models.vision_transformer")
+        vars(vt).update(vars(timm_stand_in()))
+        for name in ("timm", "timm.models"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["timm.models.vision_transformer"] = vt
+        note = "timm not importable: stand-ins for PatchEmbed/Attention/Mlp"
+    sys.path.insert(0, os.path.abspath(path))
+    import models
+    import transport
+    return models, transport, note
+
+
+def published_train_step(model, transport, decay=0.9999):
+    """The published train.py step: training_losses, zero_grad, backward, AdamW, per-parameter EMA."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    ema_params, params = dict(ema.named_parameters()), list(model.named_parameters())
+
+    def step(x, y):
+        loss = transport.training_losses(model, x, dict(y=y, return_act=False, train=True))["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for name, p in params:
+                ema_params[name].mul_(decay).add_(p.data, alpha=1 - decay)
+        return loss
+    return step
+
+
+def published_sample(model, z, y, steps, stepsize, mu, cfg_scale):
+    """The published sample_gd.py loop (NAG-GD; CFG doubles the batch with the null label 1000)."""
+    n = z.shape[0]
+    t = torch.ones(n)
+    if cfg_scale > 1:
+        z, y, t = torch.cat([z, z]), torch.cat([y, torch.full_like(y, 1000)]), torch.cat([t, t])
+        model_fn = model.forward_with_cfg
+    else:
+        model_fn = lambda x, t, y, s: model.forward(x, t, y)  # noqa: E731
+    with torch.no_grad():
+        xt, m = z, torch.zeros_like(z)
+        for _ in range(steps - 1):
+            out = model_fn(xt + stepsize * m * mu, t, y, cfg_scale)
+            m = out
+            xt = xt + out * stepsize
+            t += stepsize
+    return xt[:n]
+
+
+def median_s(fn, n):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile_table(fn, rows):
+    """The ops with the most self CPU time in one call of fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--published", required=True, help="path to a checkout of the published EqM code")
+    p.add_argument("--model", default="EqM-Ti/2", choices=list(EqM_models))
+    p.add_argument("--input-size", type=int, default=16, help="latent side (16: a 128px image)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sample-batch-size", type=int, default=8)
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--train-iters", type=int, default=5, help="timed training steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the fast path (costs minutes cold on CPU; the compile cache makes reruns quick)")
+    p.add_argument("--profile-rows", type=int, default=8)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    models, transport_mod, note = import_published(args.published)
+    precision = runtime.resolve_precision(args.precision, "cpu")
+    depth, hidden, heads, patch = EqM_configs[args.model]
+    pub = models.EqM(input_size=args.input_size, patch_size=patch, in_channels=4, hidden_size=hidden, depth=depth,
+                     num_heads=heads, num_classes=1000)
+    ours = EqM_models[args.model](input_size=args.input_size, num_classes=1000)
+    ours.load_state_dict(pub.state_dict())
+    print(f"{args.model} on {args.input_size}x{args.input_size}x4 latents, train batch {args.batch_size}, sample batch "
+          f"{args.sample_batch_size} (NAG-GD {args.sample_steps} steps, cfg {args.cfg_scale}); 1 thread each; "
+          f"published: fp32 eager ({note}); fast: {precision} ({runtime.precision_reason()}), "
+          f"compile {args.compile}")
+    x = torch.randn(args.batch_size, 4, args.input_size, args.input_size)
+    y = torch.randint(0, 1000, (args.batch_size,))
+    xs = torch.randn(args.sample_batch_size, 4, args.input_size, args.input_size)
+    ys = torch.randint(0, 1000, (args.sample_batch_size,))
+    transport = transport_mod.create_transport("Linear", "velocity", None, None, None)
+    pub.train()
+    ours.train()
+    pub_step = published_train_step(pub, transport)
+    fast_step = TrainStep(ours, make_optimizer(ours, lr=1e-4), ema=EMA(ours), precision=precision,
+                          compile=args.compile)
+    ours_ema = copy.deepcopy(ours).eval().requires_grad_(False)
+    pub_ema = copy.deepcopy(pub).eval().requires_grad_(False)
+    kw = dict(sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=args.cfg_scale)
+    sampler = GraphSampler(ours_ema, xs.shape, "cpu", precision=precision, compile=args.compile, **kw)
+    work = {
+        ("train", "published"): lambda: pub_step(x, y),
+        ("train", "fast"): lambda: fast_step(x, y),
+        ("sample", "published"): lambda: published_sample(pub_ema, xs, ys, args.sample_steps, 0.0017, 0.3,
+                                                          args.cfg_scale),
+        ("sample", "fast"): lambda: sampler.run(xs, ys, steps=args.sample_steps),
+    }
+    t0 = time.perf_counter()
+    for fn in tqdm(work.values(), desc="warm-up" + (" + compile" if args.compile else "")):
+        fn()
+        fn()
+    print(f"warm-up{' and compile' if args.compile else ''}: {time.perf_counter() - t0:.1f} s")
+    times = {k: [] for k in work}
+    for r in tqdm(range(args.rounds), desc="interleaved rounds"):
+        for (what, who), fn in (list(work.items()) if r % 2 == 0 else list(work.items())[::-1]):
+            times[(what, who)] += median_s(fn, args.train_iters if what == "train" else 1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'':<8} {'published s':>12} {'fast s':>10} {'speed-up':>9}   (median per call)")
+    out = {}
+    for what, unit in (("train", "step"), ("sample", "batch")):
+        a, b = med[(what, "published")], med[(what, "fast")]
+        out[what] = a / b
+        print(f"{what + ' ' + unit:<13} {a:>7.4f} {b:>10.4f} {a / b:>8.2f}x")
+    if args.profile_rows:
+        for (what, who), fn in work.items():
+            print(f"\nprofile: {what}, {who} (one call)")
+            print(profile_table(fn, args.profile_rows))
+    return out
+
+
+if __name__ == "__main__":
+    main()
