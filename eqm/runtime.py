@@ -49,7 +49,7 @@ def _matmul_seconds(dtype, device, n, budget_s):
 
 @functools.lru_cache(maxsize=None)
 def probe_precision(device_type="cpu"):
-    """The fast precision on this device, decided by a sub-second matmul probe once per process."""
+    """(precision, reason): the fast precision on this device, from a sub-second matmul probe once per process."""
     device = torch.device(device_type)
     n = 2048 if device.type == "cuda" else 256
     prev, threads = torch.backends.cuda.matmul.allow_tf32, torch.get_num_threads()
@@ -61,21 +61,21 @@ def probe_precision(device_type="cpu"):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
         torch.set_num_threads(threads)
-    precision, reason = decide_precision(t_fp32, t_bf16, device.type)
-    _reasons[device.type] = reason
-    return precision
+    return decide_precision(t_fp32, t_bf16, device.type)
 
 
 def resolve_precision(precision, device):
     """"auto" -> the probed precision of `device`; explicit precisions are returned unchanged."""
+    kind = torch.device(device).type
     if precision != "auto":
-        _reasons.setdefault(torch.device(device).type, "set explicitly")
+        _reasons[kind] = "set explicitly"
         return precision
-    return probe_precision(torch.device(device).type)
+    precision, _reasons[kind] = probe_precision(kind)
+    return precision
 
 
 def precision_reason(device="cpu"):
-    """Why resolve_precision chose what it chose on this device (a short sentence)."""
+    """Why the latest resolve_precision on this device chose what it chose (a short sentence)."""
     return _reasons.get(torch.device(device).type, "not resolved yet")
 
 
@@ -168,6 +168,12 @@ class ThreadGovernor:
         self.trial = None  # (kept count, calls made at the other count) while a trial runs
         self.next_trial = self.clock() + interval_s
         self.switches = 0
+
+    def __getattr__(self, name):
+        """Attributes of the wrapped callable (e.g. a TrainStep's .skipped, .grad_norm) read through."""
+        if name == "fn":
+            raise AttributeError(name)
+        return getattr(self.fn, name)
 
     def __call__(self, *args, **kwargs):
         if not self.enabled:

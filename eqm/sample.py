@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eqm import distributed, validate as V, vae as vae_lib
+from eqm import distributed, runtime, validate as V, vae as vae_lib
 from eqm.checkpoint import CheckpointError
 from eqm.fast import autocast
 from eqm.graph_sampler import sample_fast
@@ -62,8 +62,9 @@ def get_parser():
                    help="route the hot path through kernels/ (default: on with CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="static-buffer sampling loop, compiled step, CUDA graphs on GPU (default: on with CUDA)")
-    g.add_argument("--precision", choices=["tf32", "bf16"], default="tf32",
-                   help="tf32: fp32 weights with TF32 matmuls (published); bf16: bf16 autocast for the model")
+    g.add_argument("--precision", choices=["auto", "tf32", "bf16"], default="auto",
+                   help="auto: bf16 where a sub-second matmul probe finds it faster here; tf32: fp32 weights with TF32 "
+                        "matmuls (published); bf16: bf16 autocast for the model")
     g.add_argument("--data-path", type=str, default=None, help="'digits' selects the digits defaults")
     g.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--overwrite", action="store_true",
@@ -210,7 +211,10 @@ def run(args, ckpt, dist_info):
     # the published rule guides channels 0..2 (x[:, :3]), which on a 1-channel model is every channel
     cfg_channels = "all" if args.cfg_channels == "all" else min(3, args.in_channels)
     shape = (args.in_channels, args.input_size, args.input_size)
-    precision = "bf16" if args.precision == "bf16" else "fp32"
+    precision = runtime.resolve_precision(args.precision, device)
+    precision = "bf16" if precision == "bf16" else "fp32"
+    threads = runtime.configure_threads(model, min(bs, len(mine) or 1), device=device)
+    logger.info(f"Precision {precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
     problem = prepare_folder(args.folder, args.overwrite) if rank == 0 else None
     problem = distributed.broadcast_object(problem)
     if problem:

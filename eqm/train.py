@@ -16,7 +16,7 @@ from copy import deepcopy
 import torch
 from tqdm import tqdm
 
-from eqm import data, distributed, sharding, validate as V, vae as vae_lib
+from eqm import data, distributed, runtime, sharding, validate as V, vae as vae_lib
 from eqm.checkpoint import (CheckpointError, OptimizerStateMismatch, export_optimizer_state,
                             import_optimizer_state, save_checkpoint)
 from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, NonFiniteGuard, all_finite
@@ -99,8 +99,9 @@ def get_parser():
                    "and start a new AdamW, e.g. when the checkpoint's optimizer state is for another model or optimizer")
     g.add_argument("--lr", type=float, default=None, help="[1e-4] AdamW lr; digits: 1e-3")
     g.add_argument("--ema-decay", type=float, default=None, help="[0.9999]; digits: 0.995")
-    g.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
-                   help="fp32: strict fp32; tf32: TF32 matmuls (the published setting); bf16: bf16 autocast")
+    g.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
+                   help="auto: bf16 where a sub-second matmul probe finds it faster here, else tf32/fp32; fp32: strict "
+                        "fp32; tf32: TF32 matmuls (the published setting); bf16: bf16 autocast")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the global grad norm (off when unset)")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="route the hot path through kernels/ (default: on with CUDA)")
@@ -304,6 +305,7 @@ def train(args, dist_info):
         print("note: --fsdp with a single process has nothing to shard: training unsharded "
               "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
         args.fsdp = False
+    args.precision = runtime.resolve_precision(args.precision, device)
     set_precision(args.precision)
     torch.manual_seed(args.global_seed * world + rank)
 
@@ -339,6 +341,9 @@ def train(args, dist_info):
     model.fused = args.fused
     ema = deepcopy(model).requires_grad_(False)
     logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
+    threads = runtime.configure_threads(model, args.global_batch_size // world, device=device)
+    logger.info(f"Precision {args.precision} ({runtime.precision_reason(device)}); "
+                f"{threads} CPU thread(s)")
 
     step, epoch, batch, state = 0, 0, 0, {}
     if args.ckpt:
@@ -380,6 +385,7 @@ def train(args, dist_info):
                         model_kwargs=dict(return_act=args.disp),
                         check_finite=True, skip_nonfinite=args.on_nonfinite == "skip")
     guard, skipped = NonFiniteGuard(device), 0
+    step_fn = runtime.ThreadGovernor(step_fn, enabled=device.type == "cpu" and world == 1)
     model.train()  # enables label dropout for classifier-free guidance
     ema.eval()
 

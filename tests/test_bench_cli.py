@@ -17,7 +17,7 @@ def test_throughput_json_and_chart(tmp_path, aot_eager_compiles):
     out_json = tmp_path / "out" / "t.json"
     out = throughput.main(["--model", "EqM-Ti/4", "--image-size", "32", "--batch-size", "2", "--sample-batch-size", "2",
                            "--sample-steps", "3", "--train-iters", "1", "--warmup", "1", "--rounds", "2",
-                           "--precision", "fp32", "--breakdown", "--json", str(out_json)])
+                           "--precision", "fp32", "--compile", "on", "--breakdown", "--json", str(out_json)])
     assert len(aot_eager_compiles) == 3  # the fast path compiled its train step and both samplers (no CFG, CFG)
     saved = json.loads(out_json.read_text())
     assert saved["model"] == "EqM-Ti/4" and saved["batch_size"] == 2 and isinstance(saved["device"], str)
@@ -25,7 +25,11 @@ def test_throughput_json_and_chart(tmp_path, aot_eager_compiles):
         r = saved[name]
         for key in ("train_img_s", "sample_img_s", "sample_cfg_img_s", "tflops", "mfu", "peak_mem_gb"):
             assert np.isfinite(r[key]), (name, key)
-        assert min(r["train_img_s"], r["sample_img_s"], r["sample_cfg_img_s"], r["peak_tflops"]) > 0
+        assert min(r["train_img_s"], r["sample_img_s"], r["sample_cfg_img_s"], r["peak_tflops"], r["setup_s"]) > 0
+    assert saved["measured_on"].startswith("random 4x4x4 latents") and saved["fast_pieces"]["compile"] is True
+    assert saved["precision_reason"] == "set explicitly"
+    assert [row["step"] for row in saved["breakdown"]] == ["reference", "+static buffers (fp32)",
+                                                           "fast: +static buffers +compile"]
     for key, speedup in saved["speedup"].items():
         assert speedup == pytest.approx(saved["fast"][key] / saved["reference"][key])
     # training costs 3 forwards an image; 3 sampling steps are 2 field evaluations, 4 with CFG

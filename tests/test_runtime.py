@@ -99,3 +99,34 @@ def test_configure_threads_probes_small_models(monkeypatch):
         assert seen == [4]
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("cost, expected", [({1: 1.0, 4: 0.5}, 4), ({1: 1.0, 4: 12.0}, 1)], ids=["free", "busy"])
+def test_thread_governor_keeps_the_faster_count(monkeypatch, cost, expected):
+    """A simulated step whose time depends on the thread count: the governor must end on the faster count,
+    call the step exactly once per call, and back off (longer intervals) while its trials lose."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    n = torch.get_num_threads()
+    now, calls = [0.0], []
+
+    def step(i):
+        calls.append(i)
+        now[0] += cost[torch.get_num_threads()]
+        return i
+
+    try:
+        torch.set_num_threads(1)
+        gov = runtime.ThreadGovernor(step, interval_s=5.0, max_interval_s=40.0, max_threads=4, clock=lambda: now[0])
+        assert [gov(i) for i in range(200)] == list(range(200)) and calls == list(range(200))
+        assert torch.get_num_threads() == expected
+        assert gov.switches == (1 if expected == 4 else 0)
+        assert gov.interval == 40.0  # the later trials (of the slower count) lost and backed off
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_thread_governor_is_a_pass_through_when_threads_are_fixed(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    gov = runtime.ThreadGovernor(lambda: 7, max_threads=4, clock=lambda: 0.0)
+    gov.next_trial = -1.0  # a trial would be due at once
+    assert not gov.enabled and [gov() for _ in range(5)] == [7] * 5 and gov.trial is None
