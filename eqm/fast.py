@@ -47,6 +47,9 @@ def compile_fn(fn, backend="inductor"):
     Every TrainStep / GraphSampler specialises the same code on its own model and settings, so a
     process that builds many of them needs more than dynamo's default 8 cached variants per code object.
     """
+    from eqm.runtime import use_compile_cache
+
+    use_compile_cache()  # a second run of the same model reuses the generated code
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(fn, fullgraph=True, backend=backend)
 

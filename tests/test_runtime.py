@@ -130,3 +130,13 @@ def test_thread_governor_is_a_pass_through_when_threads_are_fixed(monkeypatch):
     gov = runtime.ThreadGovernor(lambda: 7, max_threads=4, clock=lambda: 0.0)
     gov.next_trial = -1.0  # a trial would be due at once
     assert not gov.enabled and [gov() for _ in range(5)] == [7] * 5 and gov.trial is None
+
+
+def test_compile_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # unset, and restored after the test
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert runtime.use_compile_cache() == str(tmp_path / "eqm" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert runtime.use_compile_cache() == str(tmp_path / "mine")  # the user's choice wins
+    import torch._inductor.config as inductor_config
+    assert inductor_config.fx_graph_cache
