@@ -152,13 +152,14 @@ class ThreadGovernor:
     """`fn` wrapped so that a long loop keeps the faster of 1 and all threads as other jobs come and go.
 
     Every `interval` seconds the next two calls run at the other thread count (the first only warms the
-    thread pool) and the count with the lower call time is kept; a trial that loses doubles the interval
-    (up to max_interval_s), so on a steadily busy machine the trials cost well under 2% of the run.
+    thread pool, unless it is already over 2x slower: then the trial ends there) and the count with the lower
+    call time is kept; a trial that loses doubles the interval (up to max_interval_s), so on a steadily busy
+    machine the trials cost about 1% of the run.
     Only the thread count changes: every call runs fn once, as without the wrapper. A pass-through where
     the user fixed the count (OMP_NUM_THREADS) or there is one core.
     """
 
-    def __init__(self, fn, enabled=True, interval_s=5.0, max_interval_s=120.0, max_threads=None, clock=None):
+    def __init__(self, fn, enabled=True, interval_s=10.0, max_interval_s=300.0, max_threads=None, clock=None):
         self.fn = fn
         self.max_threads = max_threads or os.cpu_count() or 1
         self.enabled = enabled and self.max_threads > 1 and not os.environ.get("OMP_NUM_THREADS")
@@ -189,10 +190,10 @@ class ThreadGovernor:
                 torch.set_num_threads(1 if kept > 1 else self.max_threads)
             return out
         kept, calls = self.trial
-        if calls == 0:  # warm-up call at the other count
+        other, base = torch.get_num_threads(), sorted(self.recent)[len(self.recent) // 2]
+        if calls == 0 and dt <= 2 * base:  # the warm-up call; one far slower than usual ends the trial at once
             self.trial = (kept, 1)
             return out
-        other, base = torch.get_num_threads(), sorted(self.recent)[len(self.recent) // 2]
         if decide_threads({kept: [base], other: [dt]}) == other:
             self.switches += 1
             self.recent, self.interval = [dt], self.min_interval
