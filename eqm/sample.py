@@ -26,7 +26,7 @@ from eqm.utils import create_logger, find_outputs, os_error_line, save_image_gri
 
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
                           num_fid_samples=50_000, cfg_scale=4.0, stepsize=0.0017)
-DIGITS_DEFAULTS = dict(model="EqM-Ti/2", image_size=8, num_classes=10, vae="none", ebm="none",
+DIGITS_DEFAULTS = dict(model="EqM-Ti/4", image_size=8, num_classes=10, vae="none", ebm="none",
                        num_fid_samples=100, cfg_scale=2.0, stepsize=0.01)  # sharpest digits at 250 GD steps
 FROM_CHECKPOINT = ("model", "image_size", "num_classes", "vae", "ebm", "uncond", "data_path", "in_channels")
 
