@@ -49,7 +49,7 @@ def test_digits_defaults_are_resolved(capsys):
     parser = train.get_parser()
     a = train.resolve_args(parser.parse_args(["--data-path", "digits"]), parser)
     assert (a.model, a.image_size, a.vae, a.num_classes, a.global_batch_size) == ("EqM-Ti/4", 8, "none", 10, 64)
-    assert a.input_size == 8 and a.max_steps == 2000 and a.lr == 1e-3 and a.cfg_scale == 2.0
+    assert a.input_size == 8 and a.max_steps == 1500 and a.lr == 1e-3 and a.cfg_scale == 2.0
     assert a.precision == "auto"  # resolved by eqm.runtime's probe when training starts
     a = train.resolve_args(parser.parse_args(["--data-path", "/x", "--uncond", "False"]), parser)
     assert (a.model, a.image_size, a.vae, a.num_classes, a.global_batch_size) == ("EqM-XL/2", 256, "ema", 1000, 256)
