@@ -91,8 +91,8 @@ def sample(model, x, y, *, sampler="gd", steps=250, stepsize=0.003, mu=0.3, cfg_
         nfe[idx] += 1
         done = f.flatten(1).norm(dim=1) < stop_grad_norm
         go = idx[~done]
-        x[go] = xa_new[~done]
-        g[go] = f[~done]
+        x[go] = xa_new[~done].to(x.dtype)  # under bf16 autocast the field comes back in bf16
+        g[go] = f[~done].to(g.dtype)
         active[idx[done]] = False
 
     if return_stats:

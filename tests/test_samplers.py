@@ -119,6 +119,20 @@ def test_adaptive_compute_stops_each_sample():
     assert stats["total_nfe"] == int(stats["nfe"].sum()) < 3 * (steps - 1)
 
 
+@pytest.mark.parametrize("sampler", ["gd", "ngd"])
+def test_adaptive_compute_under_bf16_autocast(sampler):
+    """The field comes back in bf16 under autocast; the fp32 state must take it (eqm-sample's bf16 path)."""
+    model = randomize_(tiny_eqm()).eval()
+    x0, y = torch.randn(4, 4, 8, 8), torch.arange(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, stats = sample(model, x0, y, sampler=sampler, steps=5, stepsize=0.1, stop_grad_norm=1e-6,
+                            return_stats=True)
+        plain = sample(model, x0, y, sampler=sampler, steps=5, stepsize=0.1)
+    assert out.dtype == torch.float32 and stats["nfe"].tolist() == [4] * 4
+    # nothing stopped: the plain loop's updates, up to bf16 rounding (NAG keeps its momentum in bf16 there)
+    torch.testing.assert_close(out, plain.float(), atol=2e-2, rtol=0)
+
+
 def test_adaptive_compute_with_huge_threshold_and_ngd():
     field, x0, y = bowl()
     out, stats = sample(field, x0, y, sampler="ngd", steps=10, stop_grad_norm=1e9, return_stats=True)
