@@ -211,7 +211,7 @@ def run(args, ckpt, dist_info):
     # the published rule guides channels 0..2 (x[:, :3]), which on a 1-channel model is every channel
     cfg_channels = "all" if args.cfg_channels == "all" else min(3, args.in_channels)
     shape = (args.in_channels, args.input_size, args.input_size)
-    precision = runtime.resolve_precision(args.precision, device)
+    precision = distributed.broadcast_object(runtime.resolve_precision(args.precision, device))  # one for all ranks
     precision = "bf16" if precision == "bf16" else "fp32"
     threads = runtime.configure_threads(model, min(bs, len(mine) or 1), device=device)
     logger.info(f"Precision {precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")

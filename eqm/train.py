@@ -308,7 +308,7 @@ def train(args, dist_info):
         print("note: --fsdp with a single process has nothing to shard: training unsharded "
               "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
         args.fsdp = False
-    args.precision = runtime.resolve_precision(args.precision, device)
+    args.precision = distributed.broadcast_object(runtime.resolve_precision(args.precision, device))  # rank 0's
     set_precision(args.precision)
     torch.manual_seed(args.global_seed * world + rank)
 
