@@ -31,7 +31,7 @@ def decide_precision(t_fp32, t_bf16, device_type="cpu"):
 
 
 def _matmul_seconds(dtype, device, n, budget_s):
-    """Best seconds of an n x n x n matmul in dtype, spending about budget_s (at least 2 runs)."""
+    """Best seconds of an n x n x n matmul in dtype, spending about budget_s (at least 3 runs)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best, spent, runs = float("inf"), 0.0, 0
