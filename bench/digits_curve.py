@@ -19,10 +19,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from eqm import digits_eval, runtime  # noqa: E402
 from eqm.data import load_digits_tensor  # noqa: E402
 from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
-from eqm.models import EqM_models  # noqa: E402
+from eqm.models import EqM_configs, EqM_models  # noqa: E402
 from eqm.sample import DIGITS_DEFAULTS as SAMPLE_DEFAULTS  # noqa: E402
 from eqm.samplers import sample  # noqa: E402
 from eqm.train import DIGITS_DEFAULTS as TRAIN_DEFAULTS  # noqa: E402
@@ -46,6 +47,9 @@ def get_parser():
     p.add_argument("--threads", type=int, default=None, help="default: chosen by eqm.runtime")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--published", default=None, metavar="PATH",
+                   help="train the published code's model and step instead (a checkout of raywang4/EqM; fp32 eager, "
+                        "same config, data, batch, lr and EMA); sampling and scoring stay the same")
     p.add_argument("--json", default=None)
     return p
 
@@ -71,8 +75,23 @@ def main(argv=None):
     print(f"{args.model}, batch {args.batch_size}, lr {args.lr}, EMA {args.ema_decay}, {precision} "
           f"({runtime.precision_reason()}), {threads} thread(s), compile {args.compile}")
     ema = copy.deepcopy(model).requires_grad_(False)
-    step_fn = TrainStep(model, make_optimizer(model, lr=args.lr), ema=EMA(model, ema), ema_decay=args.ema_decay,
-                        precision=precision, compile=args.compile)
+    if args.published:  # the published EqM class and train.py step; its EMA is read into ours for sampling
+        from vs_published import import_published, published_train_step
+
+        models, transport_mod, note = import_published(args.published)
+        depth, hidden, heads, patch = EqM_configs[args.model]
+        model = models.EqM(input_size=8, patch_size=patch, in_channels=1, hidden_size=hidden, depth=depth,
+                           num_heads=heads, num_classes=10)
+        pub_ema = copy.deepcopy(model).requires_grad_(False)
+        step_fn = published_train_step(model, transport_mod.create_transport("Linear", "velocity", None, None, None),
+                                       decay=args.ema_decay, lr=args.lr, ema=pub_ema)
+        ema_state = pub_ema.state_dict
+        precision = "fp32"
+        print(f"published code's model and step (fp32 eager; {note})")
+    else:
+        step_fn = TrainStep(model, make_optimizer(model, lr=args.lr), ema=EMA(model, ema), ema_decay=args.ema_decay,
+                            precision=precision, compile=args.compile)
+        ema_state = ema.state_dict
     step_fn = runtime.ThreadGovernor(step_fn, enabled=args.threads is None)
     model.train()
     snapshots, trained, step, losses = [], 0.0, 0, []
@@ -96,7 +115,7 @@ def main(argv=None):
         trained = time.perf_counter() - t0
         if due() or done():
             loss = sum(losses[-50:]) / len(losses[-50:])
-            snapshots.append((trained / 60, step, loss, copy.deepcopy(ema.state_dict())))
+            snapshots.append((trained / 60, step, loss, copy.deepcopy(ema_state())))
             print(f"  {trained / 60:5.2f} min  step {step:6d}  loss {loss:.3f}", flush=True)
             next_eval += args.eval_every * 60
             t0 += time.perf_counter() - t0 - trained  # the copy is not training time

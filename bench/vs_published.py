@@ -90,10 +90,10 @@ def import_published(path):
     return models, transport, note
 
 
-def published_train_step(model, transport, decay=0.9999):
+def published_train_step(model, transport, decay=0.9999, lr=1e-4, ema=None):
     """The published train.py step: training_losses, zero_grad, backward, AdamW, per-parameter EMA."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
+    ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
     ema_params, params = dict(ema.named_parameters()), list(model.named_parameters())
 
     def step(x, y):
@@ -104,7 +104,7 @@ def published_train_step(model, transport, decay=0.9999):
         with torch.no_grad():
             for name, p in params:
                 ema_params[name].mul_(decay).add_(p.data, alpha=1 - decay)
-        return loss
+        return loss.detach()
     return step
 
 
