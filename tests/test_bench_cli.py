@@ -39,3 +39,24 @@ def test_throughput_json_and_chart(tmp_path, aot_eager_compiles):
     assert saved == json.loads(json.dumps(out))  # what main returns is what it wrote
     chart = np.asarray(Image.open(tmp_path / "out" / "t.png"))
     assert chart.ndim == 3 and chart.shape[0] > 100 and chart.std() > 0
+
+
+def test_digits_curve_rows(tmp_path):
+    import digits_curve
+
+    rows = digits_curve.main(["--max-steps", "4", "--eval-steps", "2", "--samples", "10", "--sample-steps", "2",
+                              "--threads", "1", "--json", str(tmp_path / "c.json")])
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("acc_cfg1", "acc_cfg2"))
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
+
+
+@pytest.mark.skipif(not os.environ.get("EQM_PUBLISHED_REPO"), reason="set EQM_PUBLISHED_REPO to a checkout of "
+                    "raywang4/EqM")
+def test_vs_published_runs():
+    import vs_published
+
+    out = vs_published.main(["--published", os.environ["EQM_PUBLISHED_REPO"], "--model", "EqM-Ti/4",
+                             "--input-size", "8", "--batch-size", "2", "--sample-batch-size", "2", "--sample-steps", "3",
+                             "--train-iters", "1", "--rounds", "1", "--precision", "fp32", "--profile-rows", "2"])
+    assert set(out) == {"train", "sample"} and min(out.values()) > 0
