@@ -28,7 +28,7 @@ from eqm.utils import claim_run_dir, create_logger, format_config, os_error_line
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
 
 # Defaults of the published train.py (ImageNet, latent space) and of the built-in digits run.
-PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, global_batch_size=256, vae="ema",
+PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", epochs=80, image_size=256, num_classes=1000, global_batch_size=256, vae="ema",
                           lr=1e-4, ema_decay=0.9999, ckpt_every=50_000, sample_every=10_000, cfg_scale=4.0,
                           sample_stepsize=0.003)  # grids: GD with the published EqM-B/2 step size
 DIGITS_DEFAULTS = dict(model="EqM-Ti/4",  # 4 tokens of 4x4 pixels: ~3x cheaper a step than Ti/2, as accurate here
@@ -80,7 +80,7 @@ def get_parser():
     g.add_argument("--model", type=str, default=None, help="[EqM-XL/2] registry name; digits: EqM-Ti/4")
     g.add_argument("--image-size", type=int, default=None, help="[256]; digits: 8")
     g.add_argument("--num-classes", type=int, default=None, help="[1000]; digits: 10")
-    g.add_argument("--epochs", type=int, default=80)
+    g.add_argument("--epochs", type=int, default=None, help="[80]; digits: --max-steps 1500 unless --epochs is given")
     g.add_argument("--global-batch-size", type=int, default=None, help="[256]; digits: 64")
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--vae", type=str, default=None, help="[ema] ema | mse | none (pixel space) | local folder")
@@ -165,7 +165,11 @@ def resolve_args(args, parser):
         manifest = read_manifest(args.data_path)
         args.vae = manifest["vae"] if args.vae is None else args.vae
         args.image_size = manifest["image_size"] if args.image_size is None else args.image_size
-    patch = fill_defaults(args, parser, DIGITS_DEFAULTS, PUBLISHED_DEFAULTS)
+    digits_defaults = DIGITS_DEFAULTS
+    if args.epochs is not None:  # an explicit --epochs wins over the digits step budget
+        digits_defaults = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "max_steps"}
+    patch = fill_defaults(args, parser, digits_defaults, PUBLISHED_DEFAULTS)
+    args.epochs = PUBLISHED_DEFAULTS["epochs"] if args.epochs is None else args.epochs
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
     else:

@@ -51,6 +51,8 @@ def test_digits_defaults_are_resolved(capsys):
     assert (a.model, a.image_size, a.vae, a.num_classes, a.global_batch_size) == ("EqM-Ti/4", 8, "none", 10, 64)
     assert a.input_size == 8 and a.max_steps == 1500 and a.lr == 1e-3 and a.cfg_scale == 2.0
     assert a.precision == "auto"  # resolved by eqm.runtime's probe when training starts
+    a = train.resolve_args(parser.parse_args(["--data-path", "digits", "--epochs", "3"]), parser)
+    assert a.epochs == 3 and a.max_steps is None  # an explicit --epochs is not cut by the digits step budget
     a = train.resolve_args(parser.parse_args(["--data-path", "/x", "--uncond", "False"]), parser)
     assert (a.model, a.image_size, a.vae, a.num_classes, a.global_batch_size) == ("EqM-XL/2", 256, "ema", 1000, 256)
     assert a.input_size == 32 and a.lr == 1e-4 and a.ema_decay == 0.9999 and a.ckpt_every == 50_000
