@@ -76,7 +76,9 @@ def main(argv=None):
           f"({runtime.precision_reason()}), {threads} thread(s), compile {args.compile}")
     ema = copy.deepcopy(model).requires_grad_(False)
     if args.published:  # the published EqM class and train.py step; its EMA is read into ours for sampling
-        from vs_published import import_published, published_train_step
+        from vs_published import published_train_step
+
+        from eqm.published import import_published
 
         models, transport_mod, note = import_published(args.published)
         depth, hidden, heads, patch = EqM_configs[args.model]

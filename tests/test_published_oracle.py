@@ -1,83 +1,29 @@
 """The published EqM model itself as the oracle: same weights, same numbers, same return structures.
 
 Needs a checkout of github.com/raywang4/EqM: set EQM_PUBLISHED_REPO=/path/to/EqM (skipped otherwise; its
-code is never copied here). timm does not import beside this CPU torch, so its three layers the published
-models.py imports (PatchEmbed, Attention, Mlp) are stood in for by the small modules below, written from
-timm's documented behaviour: conv patch embedding, fused-qkv SDPA attention, fc1-act-fc2 MLP.
+code is never copied here). eqm.published imports it, with stand-ins for timm's layers where timm is missing.
 """
 import contextlib
-import importlib.util
 import itertools
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from eqm.models import EqM, EqM_models
+from eqm.published import import_published
 
 REPO = os.environ.get("EQM_PUBLISHED_REPO")
 pytestmark = pytest.mark.skipif(not REPO, reason="set EQM_PUBLISHED_REPO to a checkout of raywang4/EqM")
 
 
-class _PatchEmbed(nn.Module):
-    def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
-        super().__init__()
-        self.patch_size = (patch_size, patch_size)
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim, num_heads=8, qkv_bias=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
-
-
-class _Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features, act_layer, drop=0):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(in_features, hidden_features), act_layer(), nn.Linear(hidden_features, in_features)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 @pytest.fixture(scope="module")
 def published():
-    """The published models.py, imported with the timm stand-ins."""
-    timm = types.ModuleType("timm")
-    vt = types.ModuleType("timm.models.vision_transformer")
-    vt.PatchEmbed, vt.Attention, vt.Mlp = _PatchEmbed, _Attention, _Mlp
-    saved = {k: sys.modules.get(k) for k in ("timm", "timm.models", "timm.models.vision_transformer")}
-    sys.modules.update({"timm": timm, "timm.models": types.ModuleType("timm.models"),
-                        "timm.models.vision_transformer": vt})
-    try:
-        spec = importlib.util.spec_from_file_location("published_eqm_models", os.path.join(REPO, "models.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return mod
+    """The published models.py (timm's three layers stood in for where timm does not import)."""
+    models, _, _ = import_published(REPO)
+    return models
 
 
 def _pair(published, name, **kw):
