@@ -66,6 +66,15 @@ def published_sample(model, z, y, steps, stepsize, mu, cfg_scale):
     return xt[:n]
 
 
+def fast_work(model, x, y, xs, ys, precision, compiled, steps, cfg_scale):
+    """{"train": one TrainStep call on (x, y), "sample": one NAG-GD GraphSampler run on (xs, ys)} for model."""
+    step = TrainStep(model, make_optimizer(model, lr=1e-4), ema=EMA(model), precision=precision, compile=compiled)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    sampler = GraphSampler(ema, xs.shape, "cpu", sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=cfg_scale,
+                           precision=precision, compile=compiled)
+    return {"train": lambda: step(x, y), "sample": lambda: sampler.run(xs, ys, steps=steps)}
+
+
 def median_s(fn, n):
     times = []
     for _ in range(n):
@@ -73,6 +82,42 @@ def median_s(fn, n):
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def warm_up(work, compiled):
+    """Call every work item twice (compiles the fast path when compiled) and print how long it took."""
+    t0 = time.perf_counter()
+    for fn in tqdm(work.values(), desc="warm-up" + (" + compile" if compiled else "")):
+        fn()
+        fn()
+    print(f"warm-up{' and compile' if compiled else ''}: {time.perf_counter() - t0:.1f} s")
+
+
+def interleaved_medians(work, rounds, train_iters):
+    """Median seconds per call of each (task, side) in work, timed in interleaved rounds (order reversed each round)."""
+    items, times = list(work.items()), {k: [] for k in work}
+    for r in tqdm(range(rounds), desc="interleaved rounds"):
+        for (what, who), fn in (items if r % 2 == 0 else items[::-1]):
+            times[(what, who)] += median_s(fn, train_iters if what == "train" else 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def ratio_table(med, peer):
+    """Print the peer's and the fast path's medians and their ratio; return {task: peer s / fast s}."""
+    print(f"\n{'':<8} {peer + ' s':>12} {'fast s':>10} {'speed-up':>9}   (median per call)")
+    out = {}
+    for what, unit in (("train", "step"), ("sample", "batch")):
+        a, b = med[(what, peer)], med[(what, "fast")]
+        out[what] = a / b
+        print(f"{what + ' ' + unit:<13} {a:>7.4f} {b:>10.4f} {a / b:>8.2f}x")
+    return out
+
+
+def print_profiles(work, rows):
+    """The profile table of one call of each work item."""
+    for (what, who), fn in work.items():
+        print(f"\nprofile: {what}, {who} (one call)")
+        print(profile_table(fn, rows))
 
 
 def profile_table(fn, rows):
@@ -124,39 +169,19 @@ def main(argv=None):
     pub.train()
     ours.train()
     pub_step = published_train_step(pub, transport)
-    fast_step = TrainStep(ours, make_optimizer(ours, lr=1e-4), ema=EMA(ours), precision=precision,
-                          compile=args.compile)
-    ours_ema = copy.deepcopy(ours).eval().requires_grad_(False)
+    fast = fast_work(ours, x, y, xs, ys, precision, args.compile, args.sample_steps, args.cfg_scale)
     pub_ema = copy.deepcopy(pub).eval().requires_grad_(False)
-    kw = dict(sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=args.cfg_scale)
-    sampler = GraphSampler(ours_ema, xs.shape, "cpu", precision=precision, compile=args.compile, **kw)
     work = {
         ("train", "published"): lambda: pub_step(x, y),
-        ("train", "fast"): lambda: fast_step(x, y),
+        ("train", "fast"): fast["train"],
         ("sample", "published"): lambda: published_sample(pub_ema, xs, ys, args.sample_steps, 0.0017, 0.3,
                                                           args.cfg_scale),
-        ("sample", "fast"): lambda: sampler.run(xs, ys, steps=args.sample_steps),
+        ("sample", "fast"): fast["sample"],
     }
-    t0 = time.perf_counter()
-    for fn in tqdm(work.values(), desc="warm-up" + (" + compile" if args.compile else "")):
-        fn()
-        fn()
-    print(f"warm-up{' and compile' if args.compile else ''}: {time.perf_counter() - t0:.1f} s")
-    times = {k: [] for k in work}
-    for r in tqdm(range(args.rounds), desc="interleaved rounds"):
-        for (what, who), fn in (list(work.items()) if r % 2 == 0 else list(work.items())[::-1]):
-            times[(what, who)] += median_s(fn, args.train_iters if what == "train" else 1)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{'':<8} {'published s':>12} {'fast s':>10} {'speed-up':>9}   (median per call)")
-    out = {}
-    for what, unit in (("train", "step"), ("sample", "batch")):
-        a, b = med[(what, "published")], med[(what, "fast")]
-        out[what] = a / b
-        print(f"{what + ' ' + unit:<13} {a:>7.4f} {b:>10.4f} {a / b:>8.2f}x")
+    warm_up(work, args.compile)
+    out = ratio_table(interleaved_medians(work, args.rounds, args.train_iters), "published")
     if args.profile_rows:
-        for (what, who), fn in work.items():
-            print(f"\nprofile: {what}, {who} (one call)")
-            print(profile_table(fn, args.profile_rows))
+        print_profiles(work, args.profile_rows)
     return out
 
 
