@@ -16,6 +16,8 @@ setup(
         "vae": ["diffusers"],
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["flash-attn"],
+        # bench/vs_torchebm.py's peer; its one dependency, torch>=2.10, is met by the pinned torch above
+        "peers": ["torchebm==0.8.9"],
     },
     entry_points={
         "console_scripts": [

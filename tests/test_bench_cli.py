@@ -60,3 +60,32 @@ def test_vs_published_runs():
                              "--input-size", "8", "--batch-size", "2", "--sample-batch-size", "2", "--sample-steps", "3",
                              "--train-iters", "1", "--rounds", "1", "--precision", "fp32", "--profile-rows", "2"])
     assert set(out) == {"train", "sample"} and min(out.values()) > 0
+
+
+def test_vs_torchebm_runs():
+    pytest.importorskip("torchebm", reason='torchebm not installed (pip install -e ".[peers]")')
+    import vs_torchebm
+
+    out = vs_torchebm.main(["--model", "EqM-Ti/4", "--input-size", "8", "--batch-size", "2", "--sample-batch-size", "2",
+                            "--sample-steps", "3", "--train-iters", "1", "--rounds", "1", "--precision", "fp32",
+                            "--profile-rows", "2"])
+    assert set(out) == {"train", "sample"} and min(out.values()) > 0
+
+
+def test_vs_torchebm_twin_check_fails_on_other_weights(monkeypatch):
+    pytest.importorskip("torchebm", reason='torchebm not installed (pip install -e ".[peers]")')
+    import torch
+    import vs_torchebm
+
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    assert vs_torchebm.check_same_function("EqM-Ti/4", 8, x, y) < 1e-5
+    twin = vs_torchebm.torchebm_twin
+
+    def other(ours, name, size):  # the same twin with one attention weight changed
+        t = twin(ours, name, size)
+        with torch.no_grad():
+            t.model.blocks[2].attn.qkv.weight[0, 0] += 0.5
+        return t
+    monkeypatch.setattr(vs_torchebm, "torchebm_twin", other)
+    with pytest.raises(SystemExit, match="does not reproduce"):
+        vs_torchebm.check_same_function("EqM-Ti/4", 8, x, y)
