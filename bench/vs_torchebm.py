@@ -32,6 +32,7 @@ RENAMES = [("x_embedder.", "patch_embed."), ("embedding_table", "embedding"), ("
 
 
 def import_torchebm():
+    """The torchebm module, or one line saying how to install it."""
     try:
         import torchebm
     except ImportError:
@@ -58,11 +59,11 @@ def torchebm_twin(ours, name, input_size):
     dit = DiT(input_size=input_size, in_channels=4, out_channels=8, patch_size=patch, embed_dim=hidden, depth=depth,
               num_heads=heads, num_classes=1000, class_dropout_prob=0.1)
     state = {}
-    for name, value in ours.state_dict().items():
-        if name != "pos_embed":  # both are the fixed 2D sin/cos table (a buffer in torchebm)
+    for key, value in ours.state_dict().items():
+        if key != "pos_embed":  # both are the fixed 2D sin/cos table (a buffer in torchebm)
             for a, b in RENAMES:
-                name = name.replace(a, b)
-            state[name] = value
+                key = key.replace(a, b)
+            state[key] = value
     dit.load_state_dict(state, strict=True)
     return FirstChannels(dit, 4)
 
@@ -81,8 +82,8 @@ def check_same_function(name, input_size, x, y):
                 p.normal_(0, 0.05)
         twin = torchebm_twin(ours, name, input_size).eval()
         a, b = ours(x, torch.zeros(len(x)), y), twin(x, torch.zeros(len(x)), y=y)
-    err = (a - b).abs().max().item()
-    if a.shape != b.shape or not err <= 1e-4 * max(1.0, a.abs().max().item()):
+    err = (a - b).abs().max().item() if a.shape == b.shape else float("inf")
+    if not err <= 1e-4 * max(1.0, a.abs().max().item()):
         raise SystemExit(f"vs_torchebm: error: torchebm's DiT does not reproduce ours (max difference {err:.3g})")
     return err
 
