@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[TORCH, TRITON, "numpy", "tqdm", "pillow", "scikit-learn", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "torchdiffeq==0.2.5"],  # the ODE sampler's tests need it
+        "ode": ["torchdiffeq==0.2.5"],  # --sampler ode (eqm.sampling)
         "vae": ["diffusers"],
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["flash-attn"],

@@ -17,10 +17,8 @@ from tqdm import tqdm
 
 from eqm import distributed, runtime, validate as V, vae as vae_lib
 from eqm.checkpoint import CheckpointError
-from eqm.fast import autocast
-from eqm.graph_sampler import sample_fast
 from eqm.models import EqM_models
-from eqm.samplers import sample
+from eqm.sampling import ODE_METHODS, SAMPLERS, SCHEDULES, sample
 from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, fill_defaults, str2bool
 from eqm.utils import create_logger, find_outputs, os_error_line, save_image_grid, to_uint8
 
@@ -46,7 +44,8 @@ def get_parser():
     g.add_argument("--stepsize", type=float, default=None, help="[0.0017] step size eta; digits: 0.01")
     g.add_argument("--num-sampling-steps", type=int, default=250, help="steps; steps - 1 updates are made")
     g.add_argument("--folder", "--sample-dir", dest="folder", type=str, default="samples")
-    g.add_argument("--sampler", type=str, default="gd", choices=["gd", "ngd"])
+    g.add_argument("--sampler", type=str, default="gd", choices=SAMPLERS,
+                   help="gd, ngd (published); adam, langevin, ode (additions)")
     g.add_argument("--mu", type=float, default=0.3, help="NAG-GD momentum mu")
     g.add_argument("--num-fid-samples", type=int, default=None, help="[50000]; digits: 100")
     g.add_argument("--uncond", type=str2bool, default=None, help="[True] disable noise conditioning")
@@ -58,6 +57,16 @@ def get_parser():
                    help="channels CFG acts on: 3 (published: latent channels 0-2) or all")
     g.add_argument("--stop-grad-norm", type=float, default=None,
                    help="adaptive compute: freeze a sample once |f(x)| falls below this")
+    g.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="step-size schedule of the descent samplers (gd, ngd, adam, langevin)")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                   help="--sampler adam: moment decays")
+    g.add_argument("--temperature", type=float, default=0.05,
+                   help="--sampler langevin: noise temperature, annealed linearly to 0")
+    g.add_argument("--ode-method", choices=ODE_METHODS, default="rk4",
+                   help="--sampler ode: dx/dt = f(x) over t in [0, 1]; fixed grid of steps - 1 steps, or dopri5")
+    g.add_argument("--atol", type=float, default=1e-5, help="--sampler ode --ode-method dopri5: tolerance")
+    g.add_argument("--rtol", type=float, default=1e-5, help="--sampler ode --ode-method dopri5: tolerance")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="route the hot path through kernels/ (default: on with CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -113,7 +122,34 @@ def resolve_args(args, parser, ckpt_args):
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.per_proc_batch_size is not None and args.per_proc_batch_size <= 0:
         parser.error("--per-proc-batch-size must be positive")
+    check_sampler_args(args, parser)
     return args
+
+
+def check_sampler_args(args, parser):
+    """One clear line for a sampler option out of range (before any model is built)."""
+    if not args.stepsize > 0:
+        parser.error(f"--stepsize must be positive, got {args.stepsize}")
+    if args.stop_grad_norm is not None and args.stop_grad_norm < 0:
+        parser.error(f"--stop-grad-norm must be >= 0, got {args.stop_grad_norm}")
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        parser.error(f"--adam-betas must lie in [0, 1), got {' '.join(map(str, args.adam_betas))}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not (args.atol > 0 and args.rtol > 0):
+        parser.error(f"--atol and --rtol must be positive, got {args.atol} and {args.rtol}")
+    if args.sampler == "ode":
+        try:
+            import torchdiffeq  # noqa: F401
+        except ImportError:
+            parser.error("--sampler ode needs torchdiffeq: pip install 'eqm-fast[ode]' (torchdiffeq==0.2.5)")
+
+
+def sampler_options(args):
+    """The eqm.sampling.sample keywords that pick and configure the sampler."""
+    return dict(sampler=args.sampler, stepsize=args.stepsize, mu=args.mu, schedule=args.schedule,
+                betas=tuple(args.adam_betas), temperature=args.temperature, method=args.ode_method,
+                atol=args.atol, rtol=args.rtol)
 
 
 def prepare_folder(folder, overwrite):
@@ -230,14 +266,9 @@ def run(args, ckpt, dist_info):
         x = start_noise(idx, shape, args.global_seed).to(device)
         y = labels[idx].to(device)
         with torch.no_grad():
-            settings = dict(sampler=args.sampler, steps=args.num_sampling_steps, stepsize=args.stepsize, mu=args.mu,
-                            cfg_scale=args.cfg_scale, cfg_channels=cfg_channels, stop_grad_norm=args.stop_grad_norm,
-                            return_stats=True)
-            if args.compile:
-                out, stats = sample_fast(model, x, y, precision=precision, **settings)
-            else:
-                with autocast(device, precision):
-                    out, stats = sample(model, x, y, **settings)
+            out, stats = sample(model, x, y, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
+                                cfg_channels=cfg_channels, stop_grad_norm=args.stop_grad_norm, return_stats=True,
+                                precision=precision, compile=bool(args.compile), **sampler_options(args))
             out = out.float()
             bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().flatten().tolist()
             if bad:

@@ -20,9 +20,10 @@ def one_thread():
 
 @pytest.fixture
 def aot_eager_compiles(monkeypatch):
-    """Every eqm compile (training step, graph sampler) goes through backend "aot_eager": the same dynamo
+    """Every eqm compile (training step, sampling engine) goes through backend "aot_eager": the same dynamo
     graphs without inductor's slow CPU code generation. Returns the list of functions compiled."""
-    from eqm import fast, graph_sampler
+    from eqm import fast
+    from eqm.sampling import engine
 
     compiled, compile_fn = [], fast.compile_fn
 
@@ -31,5 +32,5 @@ def aot_eager_compiles(monkeypatch):
         return compile_fn(fn, "aot_eager")
 
     monkeypatch.setattr(fast, "compile_fn", aot_eager)
-    monkeypatch.setattr(graph_sampler, "compile_fn", aot_eager)
+    monkeypatch.setattr(engine, "compile_fn", aot_eager)
     return compiled

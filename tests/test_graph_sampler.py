@@ -1,4 +1,4 @@
-"""The static-buffer sampler (eqm.graph_sampler) gives the plain loop's samples and evaluation counts.
+"""The compiled sampling engine (eqm.sampling.Engine) gives the eager loop's samples and evaluation counts.
 
 The step runs compiled (aot_eager: dynamo fullgraph capture without code generation; one inductor case);
 CUDA graph capture needs a GPU and must never be touched on CPU.

@@ -101,3 +101,22 @@ def test_sample_latent_with_local_vae(tmp_path):
     d = np.load(s["npz"])
     assert d["arr_0"].shape == (3, 32, 32, 3) and d["arr_0"].dtype == np.uint8
     assert set(d["labels"].tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("extra,nfe", [(["--sampler", "adam", "--schedule", "cosine", "--adam-betas", 0.8, 0.99], 3),
+                                       (["--sampler", "langevin", "--temperature", 0.1], 3),
+                                       (["--sampler", "ode", "--ode-method", "heun"], 6)])
+def test_new_samplers_from_the_cli(digits_ckpt, tmp_path, extra, nfe):
+    s = run_sample(digits_ckpt, tmp_path / "n", "--num-fid-samples", 3, *extra)
+    assert np.load(s["npz"])["arr_0"].shape == (3, 8, 8, 3) and s["nfe_per_sample"] == nfe
+
+
+@pytest.mark.parametrize("extra,msg", [(["--stepsize", 0], "--stepsize must be positive"),
+                                       (["--adam-betas", 0.9, 1.0], "--adam-betas must lie in"),
+                                       (["--temperature", -1], "--temperature must be"),
+                                       (["--atol", 0], "--atol and --rtol must be positive"),
+                                       (["--ode-method", "rk45"], "invalid choice")])
+def test_sampler_flag_errors(digits_ckpt, tmp_path, capsys, extra, msg):
+    with pytest.raises(SystemExit) as e:
+        run_sample(digits_ckpt, tmp_path / "e", *extra)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
