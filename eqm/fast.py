@@ -103,15 +103,15 @@ class EMA:
 class EqMLoss(torch.nn.Module):
     """Mean EqM loss of a batch for given noise and times: the module that gets compiled (and DDP-wrapped)."""
 
-    def __init__(self, model, a=0.8, lam=4.0, precision="bf16", model_kwargs=None):
+    def __init__(self, model, a=0.8, lam=4.0, precision="bf16", model_kwargs=None, ct_shape="truncated-linear"):
         super().__init__()
-        self.model, self.a, self.lam, self.precision = model, a, lam, precision
+        self.model, self.a, self.lam, self.precision, self.ct_shape = model, a, lam, precision, ct_shape
         self.model_kwargs = dict(model_kwargs or {})
 
     def forward(self, x1, y, noise, t):
         with autocast(x1.device, self.precision), attention_backend(x1.device, self.precision):
             terms = eqm_training_losses(self.model, x1, dict(y=y, **self.model_kwargs), a=self.a, lam=self.lam,
-                                        noise=noise, t=t)
+                                        noise=noise, t=t, ct_shape=self.ct_shape)
         return terms["loss"].float().mean()
 
 
@@ -127,7 +127,7 @@ class TrainStep:
     fused: set model.fused (None leaves it as it is).
     ddp: wrap the compiled loss in DistributedDataParallel (gradients all-reduced in backward);
         DDP must sit outside the compiled region, since dynamo cannot trace DDP.forward with fullgraph.
-    a, lam: the objective's c(t) parameters; grad_clip: max grad norm or None.
+    a, lam, ct_shape: the objective's c(t) (eqm.objective); grad_clip: max grad norm or None.
     model_kwargs: extra model keywords, e.g. dict(return_act=True) for the dispersive loss (--disp).
     check_finite: keep the global grad norm of each step in `self.grad_norm` (a device tensor, no sync).
     skip_nonfinite: skip the optimizer and EMA update of a step whose loss or grad norm is non-finite on
@@ -136,7 +136,7 @@ class TrainStep:
 
     def __init__(self, model, opt, *, ema=None, ema_decay=0.9999, precision="auto", compile=True,
                  backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None, model_kwargs=None,
-                 check_finite=False, skip_nonfinite=False):
+                 check_finite=False, skip_nonfinite=False, ct_shape="truncated-linear"):
         if isinstance(model, DDP):
             raise ValueError("pass the bare model to TrainStep and ddp=True: it wraps the compiled loss in DDP itself")
         if grad_clip is not None and not grad_clip > 0:
@@ -152,7 +152,7 @@ class TrainStep:
 
         self.precision = precision = resolve_precision(precision, self.device)
         set_precision(precision, self.device)
-        loss = EqMLoss(model, a, lam, precision, model_kwargs)
+        loss = EqMLoss(model, a, lam, precision, model_kwargs, ct_shape)
         if compile:
             loss = compile_fn(loss, backend)
         if ddp:

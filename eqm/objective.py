@@ -2,8 +2,14 @@
 
 xt = t*x1 + (1-t)*x0 (x1 data, x0 noise), target = (x1 - x0) * c(t), c(t) = lam * min(1, (1-t)/(1-a)).
 The network learns target = -grad E, so samplers add eta * f(x).
+c(t) shapes: "truncated-linear" (published, above) and "truncated-cosine" (lam up to t = a, then
+lam * (1 + cos(pi u)) / 2 with u = (t - a) / (1 - a): the same end points, a smooth descent to 0 at t = 1).
 """
+import math
+
 import torch
+
+CT_SHAPES = ("truncated-linear", "truncated-cosine")
 
 
 def _check_a(a):
@@ -11,10 +17,22 @@ def _check_a(a):
         raise ValueError(f"a must lie in [0, 1), got {a}")
 
 
-def eqm_target_scale(t, a=0.8, lam=4.0):
-    """c(t) = lam * min(1, (1 - t) / (1 - a)): lam up to t = a, then linearly down to 0 at t = 1."""
+def check_ct(a, lam, shape="truncated-linear"):
+    """Raise ValueError with one clear line for c(t) parameters out of range."""
     _check_a(a)
-    return lam * torch.clamp((1 - t) / (1 - a), max=1.0)
+    if not lam > 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    if shape not in CT_SHAPES:
+        raise ValueError(f"c(t) shape must be one of {CT_SHAPES}, got {shape!r}")
+
+
+def eqm_target_scale(t, a=0.8, lam=4.0, shape="truncated-linear"):
+    """c(t): lam up to t = a, then down to 0 at t = 1, linearly (published) or along a half cosine."""
+    check_ct(a, lam, shape)
+    if shape == "truncated-linear":
+        return lam * torch.clamp((1 - t) / (1 - a), max=1.0)
+    u = torch.clamp((t - a) / (1 - a), min=0.0)
+    return lam * 0.5 * (1 + torch.cos(math.pi * u))
 
 
 def _bcast(v, x):
@@ -22,11 +40,11 @@ def _bcast(v, x):
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def eqm_interpolate(x1, x0, t, a=0.8, lam=4.0):
+def eqm_interpolate(x1, x0, t, a=0.8, lam=4.0, shape="truncated-linear"):
     """(xt, target) for data x1, noise x0 and per-sample times t (N,)."""
     tb = _bcast(t, x1).to(x1.dtype)
     xt = tb * x1 + (1 - tb) * x0
-    target = (x1 - x0) * _bcast(eqm_target_scale(t, a, lam), x1).to(x1.dtype)
+    target = (x1 - x0) * _bcast(eqm_target_scale(t, a, lam, shape), x1).to(x1.dtype)
     return xt, target
 
 
@@ -38,7 +56,7 @@ def dispersive_loss(act, tau=1.0):
 
 
 def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None, t=None, train=True,
-                        disp_weight=0.5, fused=None):
+                        disp_weight=0.5, fused=None, ct_shape="truncated-linear"):
     """EqM loss terms for a batch of data x1 (N, C, H, W).
 
     model is called as model(xt, t, **model_kwargs) (model_kwargs holds y; train=True is added unless given).
@@ -47,7 +65,8 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
     (return_act=True, the published --disp) also "disp_loss" (a scalar, already added to "loss"
     with weight disp_weight; the activation used is the last block's).
     fused: xt/target by kernels.eqm_interpolate and the loss by kernels.eqm_loss (same values); None
-    follows model.fused (or model.module.fused for a DDP wrapper).
+    follows model.fused (or model.module.fused for a DDP wrapper). The kernels implement the published
+    c(t) only: another ct_shape takes the plain path.
     """
     model_kwargs = dict(model_kwargs or {})
     model_kwargs.setdefault("train", train)
@@ -61,12 +80,13 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
         raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
     if fused is None:
         fused = getattr(model, "fused", getattr(getattr(model, "module", None), "fused", False))
+    fused = fused and ct_shape == "truncated-linear"
     if fused:
         import kernels
         _check_a(a)
         xt, target = kernels.eqm_interpolate(x1, x0, t, a, lam, with_target=True)
     else:
-        xt, target = eqm_interpolate(x1, x0, t, a, lam)
+        xt, target = eqm_interpolate(x1, x0, t, a, lam, ct_shape)
     out = model(xt, t, **model_kwargs)
     pred, act = out if isinstance(out, tuple) else (out, None)
     if fused:

@@ -103,7 +103,13 @@ def resolve_args(args, parser, ckpt_args):
         if getattr(args, k, None) is None and ckpt_args.get(k) is not None:
             setattr(args, k, ckpt_args[k])
     digits = args.data_path == "digits"
+    default_eta = args.stepsize is None
     patch = fill_defaults(args, parser, DIGITS_DEFAULTS, PUBLISHED_DEFAULTS)
+    # c(t) of the training run (published: truncated-linear, a 0.8, lam 4): the field's scale is lam, so a
+    # default step size is rescaled by 4 / lam to move as far per step as with the published lam
+    args.ct = {k: ckpt_args.get(f"ct_{k}", v) for k, v in (("shape", "truncated-linear"), ("a", 0.8), ("lam", 4.0))}
+    if default_eta:
+        args.stepsize *= 4.0 / args.ct["lam"]
     if args.uncond is None:
         args.uncond = True
     if vae_lib.is_pixel_space(args.vae):
@@ -257,7 +263,8 @@ def run(args, ckpt, dist_info):
         raise SystemExit(f"eqm-sample: error: {problem}")
     if rank == 0:
         logger.info(f"Sampling {n} images ({args.sampler}, {args.num_sampling_steps} steps, eta {args.stepsize}, "
-                    f"cfg {args.cfg_scale}) with {world} process(es), batch {bs} each, into {args.folder}")
+                    f"cfg {args.cfg_scale}; trained with c(t) {args.ct}) with {world} process(es), batch {bs} each, "
+                    f"into {args.folder}")
     distributed.barrier()
     t0 = time.time()
     nfe = 0
@@ -283,7 +290,8 @@ def run(args, ckpt, dist_info):
     distributed.barrier()
     seconds = time.time() - t0
     nfe = int(sum(distributed.all_gather_object(nfe)))
-    summary = {"folder": args.folder, "num_samples": n, "seconds": seconds, "nfe_per_sample": nfe / n}
+    summary = {"folder": args.folder, "num_samples": n, "seconds": seconds, "nfe_per_sample": nfe / n,
+               "stepsize": args.stepsize, "ct": args.ct}
     if rank == 0:
         npz, arr = write_npz(args.folder, n, labels)
         grid = save_image_grid(arr[:100], os.path.join(args.folder, "grid.png"),

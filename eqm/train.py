@@ -21,6 +21,7 @@ from eqm.checkpoint import (CheckpointError, OptimizerStateMismatch, export_opti
                             import_optimizer_state, save_checkpoint)
 from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, NonFiniteGuard, all_finite
 from eqm.models import EqM_models
+from eqm.objective import CT_SHAPES, check_ct
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
 from eqm.utils import claim_run_dir, create_logger, format_config, os_error_line, save_image_grid
@@ -106,6 +107,11 @@ def get_parser():
                    help="auto: bf16 where a sub-second matmul probe finds it faster here, else tf32/fp32; fp32: strict "
                         "fp32; tf32: TF32 matmuls (the published setting); bf16: bf16 autocast")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the global grad norm (off when unset)")
+    g.add_argument("--ct-a", type=float, default=0.8, help="c(t) keeps its full value lam up to t = a (in [0, 1))")
+    g.add_argument("--ct-lam", type=float, default=4.0, help="c(t)'s value lam, the gradient scale (> 0)")
+    g.add_argument("--ct-shape", choices=CT_SHAPES, default="truncated-linear",
+                   help="c(t) from t = a to 1: truncated-linear (published) or truncated-cosine; stored in the "
+                   "checkpoint's args, where eqm-sample reads lam back")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="route the hot path through kernels/ (default: on with CUDA)")
     g.add_argument("--sample-every", type=int, default=None,
@@ -170,6 +176,10 @@ def resolve_args(args, parser):
         digits_defaults = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "max_steps"}
     patch = fill_defaults(args, parser, digits_defaults, PUBLISHED_DEFAULTS)
     args.epochs = PUBLISHED_DEFAULTS["epochs"] if args.epochs is None else args.epochs
+    try:
+        check_ct(args.ct_a, args.ct_lam, args.ct_shape)
+    except ValueError as e:
+        parser.error(f"--ct-a/--ct-lam/--ct-shape: {e}")
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
     else:
@@ -388,7 +398,7 @@ def train(args, dist_info):
 
     step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=args.ema_decay, precision=args.precision,
                         compile=args.compile and not args.fsdp, ddp=world > 1 and not args.fsdp,
-                        grad_clip=args.grad_clip or None,
+                        grad_clip=args.grad_clip or None, a=args.ct_a, lam=args.ct_lam, ct_shape=args.ct_shape,
                         model_kwargs=dict(return_act=args.disp),
                         check_finite=True, skip_nonfinite=args.on_nonfinite == "skip")
     guard, skipped = NonFiniteGuard(device), 0

@@ -13,6 +13,24 @@ def test_target_scale_values():
         eqm_target_scale(t, a=1.0)
 
 
+def test_truncated_cosine_target_scale():
+    t = torch.tensor([0.0, 0.8, 0.85, 0.9, 0.95, 1.0])
+    c = eqm_target_scale(t, a=0.8, lam=2.0, shape="truncated-cosine")
+    half = 1 / 2 ** 0.5  # cos(pi/4)^2 = 1/2 at a quarter of the way, etc.
+    torch.testing.assert_close(c, 2.0 * torch.tensor([1.0, 1.0, (1 + half) / 2, 0.5, (1 - half) / 2, 0.0]))
+    with pytest.raises(ValueError, match="lam must be positive"):
+        eqm_target_scale(t, lam=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        eqm_target_scale(t, shape="step")
+    # the loss uses it: the target scales with the chosen c(t), and a fused model falls back to the plain path
+    x1, x0, tt = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), torch.tensor([0.9, 0.95])
+    model = FakeModel()
+    model.fused = True
+    out = eqm_training_losses(model, x1, dict(y=torch.zeros(2, dtype=torch.long)), noise=x0, t=tt,
+                              lam=2.0, ct_shape="truncated-cosine")
+    torch.testing.assert_close(out["target"][:, 0, 0, 0], 2.0 * torch.tensor([0.5, (1 - half) / 2]))
+
+
 class FakeModel:
     """f(x) = 2x + y (per sample), records its arguments."""
 

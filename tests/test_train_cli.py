@@ -206,3 +206,24 @@ def test_cuda_device_without_gpu_exits_with_message(tmp_path):
             cli(["--data-path", "digits", "--device", "cuda"])
     with pytest.raises(SystemExit, match="'tpu' is not a device"):
         train.main(["--data-path", "digits", "--device", "tpu"])
+
+
+def test_ct_flags_train_are_stored_and_read_back_by_sampling(tmp_path):
+    from eqm import sample
+
+    s = run_train(tmp_path, "--global-batch-size", 8, "--max-steps", 2, "--sample-every", 0, "--ct-shape",
+                  "truncated-cosine", "--ct-a", 0.5, "--ct-lam", 2.0)
+    a = load_checkpoint(s["checkpoint"])["args"]
+    assert (a.ct_shape, a.ct_a, a.ct_lam) == ("truncated-cosine", 0.5, 2.0)
+    out = sample.main(["--ckpt", s["checkpoint"], "--folder", str(tmp_path / "s"), "--num-sampling-steps", "2",
+                       "--num-fid-samples", "2"])
+    assert out["ct"] == {"shape": "truncated-cosine", "a": 0.5, "lam": 2.0}
+    assert out["stepsize"] == pytest.approx(0.01 * 4.0 / 2.0)  # the digits default eta, rescaled to lam 2
+
+
+@pytest.mark.parametrize("extra,msg", [(["--ct-a", 1.0], "a must lie in"), (["--ct-lam", 0], "lam must be positive"),
+                                       (["--ct-shape", "step"], "invalid choice")])
+def test_bad_ct_flags(tmp_path, capsys, extra, msg):
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--max-steps", 1, *extra)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
