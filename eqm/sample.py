@@ -57,16 +57,7 @@ def get_parser():
                    help="channels CFG acts on: 3 (published: latent channels 0-2) or all")
     g.add_argument("--stop-grad-norm", type=float, default=None,
                    help="adaptive compute: freeze a sample once |f(x)| falls below this")
-    g.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                   help="step-size schedule of the descent samplers (gd, ngd, adam, langevin)")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
-                   help="--sampler adam: moment decays")
-    g.add_argument("--temperature", type=float, default=0.05,
-                   help="--sampler langevin: noise temperature, annealed linearly to 0")
-    g.add_argument("--ode-method", choices=ODE_METHODS, default="rk4",
-                   help="--sampler ode: dx/dt = f(x) over t in [0, 1]; fixed grid of steps - 1 steps, or dopri5")
-    g.add_argument("--atol", type=float, default=1e-5, help="--sampler ode --ode-method dopri5: tolerance")
-    g.add_argument("--rtol", type=float, default=1e-5, help="--sampler ode --ode-method dopri5: tolerance")
+    add_sampler_options(g)
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="route the hot path through kernels/ (default: on with CUDA)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -80,6 +71,20 @@ def get_parser():
                    help="replace the samples an earlier run left in --folder (default: refuse to mix them)")
     distributed.add_timeout_arg(g)
     return V.apply_types(p, NUMERIC_FLAGS)
+
+
+def add_sampler_options(g):
+    """The options of the samplers beyond the published gd/ngd (shared with python -m eqm.tasks)."""
+    g.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="step-size schedule of the descent samplers (gd, ngd, adam, langevin)")
+    g.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                   help="--sampler adam: moment decays")
+    g.add_argument("--temperature", type=float, default=0.05,
+                   help="--sampler langevin: noise temperature, annealed linearly to 0")
+    g.add_argument("--ode-method", choices=ODE_METHODS, default="rk4",
+                   help="--sampler ode: dx/dt = f(x) over t in [0, 1]; fixed grid of steps - 1 steps, or dopri5")
+    g.add_argument("--atol", type=float, default=1e-5, help="--sampler ode --ode-method dopri5: tolerance")
+    g.add_argument("--rtol", type=float, default=1e-5, help="--sampler ode --ode-method dopri5: tolerance")
 
 
 NUMERIC_FLAGS = dict(image_size=V.positive_int, num_classes=V.positive_int, global_batch_size=V.positive_int,
