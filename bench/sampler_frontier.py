@@ -130,7 +130,8 @@ def denoise(model, args, log):
             out = tasks.denoise(model, noisy, None, steps=args.denoise_steps + 1, stepsize=args.denoise_stepsize)
         res.append(dict(noise_level=level, psnr_noisy=float(tasks.psnr(noisy, x).mean()),
                         psnr_denoised=float(tasks.psnr(out, x).mean())))
-        log(f"denoise s={level}: PSNR noisy {res[-1]['psnr_noisy']:.2f} dB -> denoised {res[-1]['psnr_denoised']:.2f} dB")
+        log(f"denoise s={level}: PSNR noisy {res[-1]['psnr_noisy']:.2f} dB -> "
+            f"denoised {res[-1]['psnr_denoised']:.2f} dB")
         rows += [noisy[:10], out[:10]]
     rows[0] = rows[0][:10]
     grid = save_image_grid(torch.cat(rows).clamp(-1, 1), os.path.join(args.out, "denoise.png"), nrow=10)

@@ -14,7 +14,8 @@ import sampler_frontier  # noqa: E402
 def test_sampler_frontier_writes_every_part(tmp_path, one_thread):
     pytest.importorskip("torchdiffeq")
     ckpt = train.main(["--data-path", "digits", "--model", "EqM-Ti/4", "--image-size", "8", "--global-batch-size",
-                       "16", "--max-steps", "2", "--sample-every", "0", "--results-dir", str(tmp_path / "t")])["checkpoint"]
+                       "16", "--max-steps", "2", "--sample-every", "0",
+                       "--results-dir", str(tmp_path / "t")])["checkpoint"]
     out = tmp_path / "o"
     r = sampler_frontier.main(["--ckpt", ckpt, "--out", str(out), "--n", "12", "--budgets", "2", "4",
                                "--dopri5-tols", "0.5", "--noise-levels", "0.5", "--denoise-steps", "2",

@@ -2,9 +2,9 @@
 
 Sign convention of the published code: the model predicts f(x) = -grad E, so descent adds eta * f.
 `update(k, n, x, state, field)` is a pure function of tensors: k is the update index and n the number of
-updates (0-d float tensors, so one compiled step or CUDA graph serves every k and every step count), state a dict of (N, ...) tensors from `init_state`,
-field(z) evaluates the (guided) model. It returns (x_new, new_state, f), f the field at the current point,
-whose per-sample norm drives adaptive compute.
+updates (0-d float tensors, so one compiled step or CUDA graph serves every k and every step count), state
+a dict of (N, ...) tensors from `init_state`, field(z) evaluates the (guided) model. It returns
+(x_new, new_state, f), f the field at the current point, whose per-sample norm drives adaptive compute.
 """
 import math
 

@@ -63,7 +63,8 @@ def load_source(name, image_size=8):
         arr = arr[arr.files[0]] if hasattr(arr, "files") else arr
         x = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         if x.dim() != 4:
-            raise ValueError(f"input {name!r}: expected an (N, C, H, W) array in model space, got shape {tuple(x.shape)}")
+            raise ValueError(f"input {name!r}: expected an (N, C, H, W) array in model space, "
+                             f"got shape {tuple(x.shape)}")
         return x, None
     from PIL import Image
 
