@@ -73,6 +73,11 @@ def get_parser():
     return V.apply_types(p, NUMERIC_FLAGS)
 
 
+# the numeric options of add_sampler_options, checked when parsed (eqm.validate)
+SAMPLER_FLAGS = dict(adam_betas=V.number(float, lo=0, hi=1, hi_open=True), temperature=V.nonneg_float,
+                     atol=V.positive_float, rtol=V.positive_float)
+
+
 def add_sampler_options(g):
     """The options of the samplers beyond the published gd/ngd (shared with python -m eqm.tasks)."""
     g.add_argument("--schedule", choices=SCHEDULES, default="constant",
@@ -91,7 +96,7 @@ NUMERIC_FLAGS = dict(image_size=V.positive_int, num_classes=V.positive_int, glob
                      global_seed=V.seed, cfg_scale=V.nonneg_float, stepsize=V.step_size,
                      num_sampling_steps=V.positive_int, mu=V.nonneg_float, num_fid_samples=V.positive_int,
                      per_proc_batch_size=V.positive_int, stop_grad_norm=V.positive_float,
-                     sample_eps=V.finite_float, train_eps=V.finite_float)
+                     sample_eps=V.finite_float, train_eps=V.finite_float, **SAMPLER_FLAGS)
 
 
 def checkpoint_args(ckpt):
@@ -138,17 +143,7 @@ def resolve_args(args, parser, ckpt_args):
 
 
 def check_sampler_args(args, parser):
-    """One clear line for a sampler option out of range (before any model is built)."""
-    if not args.stepsize > 0:
-        parser.error(f"--stepsize must be positive, got {args.stepsize}")
-    if args.stop_grad_norm is not None and args.stop_grad_norm < 0:
-        parser.error(f"--stop-grad-norm must be >= 0, got {args.stop_grad_norm}")
-    if not all(0 <= b < 1 for b in args.adam_betas):
-        parser.error(f"--adam-betas must lie in [0, 1), got {' '.join(map(str, args.adam_betas))}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    if not (args.atol > 0 and args.rtol > 0):
-        parser.error(f"--atol and --rtol must be positive, got {args.atol} and {args.rtol}")
+    """One clear line when --sampler ode lacks its optional dependency (the numbers are checked when parsed)."""
     if args.sampler == "ode":
         try:
             import torchdiffeq  # noqa: F401

@@ -21,7 +21,7 @@ from eqm.checkpoint import (CheckpointError, OptimizerStateMismatch, export_opti
                             import_optimizer_state, save_checkpoint)
 from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, NonFiniteGuard, all_finite
 from eqm.models import EqM_models
-from eqm.objective import CT_SHAPES, check_ct
+from eqm.objective import CT_SHAPES
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
 from eqm.utils import claim_run_dir, create_logger, format_config, os_error_line, save_image_grid
@@ -136,7 +136,8 @@ NUMERIC_FLAGS = dict(image_size=V.positive_int, num_classes=V.positive_int, epoc
                      log_every=V.positive_int, ckpt_every=V.positive_int, cfg_scale=V.nonneg_float,
                      sample_eps=V.finite_float, train_eps=V.finite_float, max_steps=V.nonneg_int,
                      lr=V.positive_float, ema_decay=V.unit_interval, grad_clip=V.nonneg_float,
-                     sample_every=V.nonneg_int, sample_steps=V.positive_int, sample_stepsize=V.step_size)
+                     sample_every=V.nonneg_int, sample_steps=V.positive_int, sample_stepsize=V.step_size,
+                     ct_a=V.number(float, lo=0, hi=1, hi_open=True), ct_lam=V.positive_float)
 
 
 def add_reliability_args(p):
@@ -176,10 +177,6 @@ def resolve_args(args, parser):
         digits_defaults = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "max_steps"}
     patch = fill_defaults(args, parser, digits_defaults, PUBLISHED_DEFAULTS)
     args.epochs = PUBLISHED_DEFAULTS["epochs"] if args.epochs is None else args.epochs
-    try:
-        check_ct(args.ct_a, args.ct_lam, args.ct_shape)
-    except ValueError as e:
-        parser.error(f"--ct-a/--ct-lam/--ct-shape: {e}")
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
     else:

@@ -120,9 +120,10 @@ def test_cli_tasks(ckpts, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["denoise", "--noise-level", "1.5"], "--noise-level values must lie in [0, 1]"),
+    (["denoise", "--noise-level", "1.5"], "argument --noise-level: must be <= 1"),
     (["compose", "--labels", "1", "2", "--weights", "1"], "--weights needs one value per label"),
-    (["inpaint", "--stepsize", "-1"], "--stepsize must be positive"),
+    (["inpaint", "--stepsize", "-1"], "argument --stepsize: must be > 0"),
+    (["inpaint", "--temperature", "-1"], "argument --temperature: must be >= 0"),
 ])
 def test_cli_bad_values(ckpts, tmp_path, capsys, argv, msg):
     with pytest.raises(SystemExit) as e:

@@ -221,7 +221,8 @@ def test_ct_flags_train_are_stored_and_read_back_by_sampling(tmp_path):
     assert out["stepsize"] == pytest.approx(0.01 * 4.0 / 2.0)  # the digits default eta, rescaled to lam 2
 
 
-@pytest.mark.parametrize("extra,msg", [(["--ct-a", 1.0], "a must lie in"), (["--ct-lam", 0], "lam must be positive"),
+@pytest.mark.parametrize("extra,msg", [(["--ct-a", 1.0], "argument --ct-a: must be < 1"),
+                                       (["--ct-lam", 0], "argument --ct-lam: must be > 0"),
                                        (["--ct-shape", "step"], "invalid choice")])
 def test_bad_ct_flags(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import torch
 
-from eqm.sample import add_sampler_options, check_sampler_args, checkpoint_args, sampler_options
+from eqm import validate as V
+from eqm.sample import SAMPLER_FLAGS, add_sampler_options, check_sampler_args, checkpoint_args, sampler_options
 from eqm.sampling import SAMPLERS
 from eqm.tasks.core import OOD_SCORES, add_noise, auroc, compose, denoise, inpaint, ood_scores, psnr
 from eqm.tasks.sources import load_source
@@ -45,11 +46,14 @@ def get_parser():
         g.add_argument("--cfg-scale", type=float, default=1.0)
         g.add_argument("--stop-grad-norm", type=float, default=None, help="adaptive compute threshold")
         add_sampler_options(g)
+        V.apply_types(sp, dict(num=V.positive_int, seed=V.seed, steps=V.positive_int, stepsize=V.step_size,
+                               mu=V.nonneg_float, cfg_scale=V.nonneg_float, stop_grad_norm=V.positive_float,
+                               **SAMPLER_FLAGS))
 
     sp = sub.add_parser("denoise", help="descend from a partially noised input")
     common(sp, steps=50)
     sp.add_argument("--input", default="digits")
-    sp.add_argument("--noise-level", type=float, nargs="+", default=[0.3],
+    sp.add_argument("--noise-level", type=V.unit_interval, nargs="+", default=[0.3],
                     help="s in [0, 1]: input (1 - s) x + s n, the training interpolation at t = 1 - s")
     sp.add_argument("--conditional", action="store_true", help="use the input's labels (digits) instead of none")
 
@@ -175,15 +179,10 @@ def run(args):
 
 
 def check(args, parser):
-    """One clear line for bad values."""
+    """One clear line for what the types cannot check alone."""
     if args.task == "ood":
         return
-    if args.num <= 0 or args.steps < 1:
-        parser.error("--num and --steps must be positive")
-    args.num_sampling_steps = args.steps
     check_sampler_args(args, parser)
-    if args.task == "denoise" and not all(0 <= s <= 1 for s in args.noise_level):
-        parser.error(f"--noise-level values must lie in [0, 1], got {args.noise_level}")
     if args.task == "compose" and args.weights is not None and len(args.weights) != len(args.labels):
         parser.error(f"--weights needs one value per label: {len(args.labels)} labels, {len(args.weights)} weights")
 
