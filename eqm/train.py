@@ -253,7 +253,7 @@ def grid_inputs(args, num_classes, device):
 @torch.no_grad()
 def sample_grid(ema, vae, args, num_classes, device, path):
     """Sample with the EMA model from fixed noise and save one PNG grid."""
-    from eqm.sampling import sample
+    from eqm.samplers import sample
 
     x, y, nrow = grid_inputs(args, num_classes, device)
     out = sample(ema, x, y, sampler="gd", steps=args.sample_steps, stepsize=args.sample_stepsize,
