@@ -100,7 +100,7 @@ class Engine:
         return self.k, self.n, self.x, self.y, self.state, self.active, self.nfe, self.known
 
     def _steps(self, count):
-        if self.stop is None or self.compiled:
+        if self.stop is None or self.compiled or self.cuda_graph:  # static shapes: mask the frozen samples
             for _ in range(count):
                 self.step_fn(*self._buffers())
             return
