@@ -139,13 +139,17 @@ def on_oom_halve(build, batch, what):
 #                                   The paths                                   #
 #################################################################################
 
-def reference_train_step(model, opt, ema, decay=0.9999):
-    """The published training step: eager loss, backward, AdamW, per-parameter EMA."""
+def reference_train_step(model, opt, ema, decay=0.9999, loss_fn=None):
+    """The published training step: eager loss, backward, AdamW, per-parameter EMA.
+
+    loss_fn(x1, y) -> mean loss; default: this project's reference EqM objective."""
     ema_params = dict(ema.named_parameters())
     params = list(model.named_parameters())
+    if loss_fn is None:
+        loss_fn = lambda x1, y: eqm_training_losses(model, x1, dict(y=y))["loss"].mean()  # noqa: E731
 
     def step(x1, y):
-        loss = eqm_training_losses(model, x1, dict(y=y))["loss"].mean()
+        loss = loss_fn(x1, y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -27,24 +27,17 @@ from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
 from eqm.graph_sampler import GraphSampler  # noqa: E402
 from eqm.models import EqM_configs, EqM_models  # noqa: E402
 from eqm.published import import_published  # noqa: E402
+from throughput import reference_train_step  # noqa: E402
 
 
 def published_train_step(model, transport, decay=0.9999, lr=1e-4, ema=None):
-    """The published train.py step: training_losses, zero_grad, backward, AdamW, per-parameter EMA."""
+    """The published train.py step (training_losses, AdamW, per-parameter EMA) on the published model."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0)
     ema = copy.deepcopy(model).requires_grad_(False) if ema is None else ema
-    ema_params, params = dict(ema.named_parameters()), list(model.named_parameters())
 
-    def step(x, y):
-        loss = transport.training_losses(model, x, dict(y=y, return_act=False, train=True))["loss"].mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for name, p in params:
-                ema_params[name].mul_(decay).add_(p.data, alpha=1 - decay)
-        return loss.detach()
-    return step
+    def loss_fn(x, y):
+        return transport.training_losses(model, x, dict(y=y, return_act=False, train=True))["loss"].mean()
+    return reference_train_step(model, opt, ema, decay, loss_fn=loss_fn)
 
 
 def published_sample(model, z, y, steps, stepsize, mu, cfg_scale):

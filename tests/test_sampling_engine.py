@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eqm.sampling import Engine, composed_field, make_field, sample
-from model_helpers import randomize_, tiny_eqm
+from model_helpers import Bowl, randomize_, tiny_eqm
 
 N = 6
 
@@ -104,17 +104,6 @@ def test_langevin_is_gd_plus_annealed_noise(model, inputs):
         gd = sample(model, x, y, sampler="gd", steps=updates + 1, stepsize=eta)
         assert (out - gd).abs().max() > 1e-2
         torch.testing.assert_close(sample(model, x, y, sampler="langevin", steps=5, stepsize=eta, temperature=0.0), gd)
-
-
-class Bowl:
-    """f(x) = m - x: dx/dt = f has x(t) = m + exp(-t) (x0 - m); every label shares the centre m."""
-    num_classes = 3
-
-    def __init__(self, m):
-        self.m = m
-
-    def __call__(self, x, t, y):
-        return self.m - x
 
 
 @pytest.mark.parametrize("method,steps,tol", [("euler", 200, 6e-3), ("midpoint", 20, 1e-3), ("heun", 20, 1e-3),

@@ -9,20 +9,9 @@ import torch
 from eqm import tasks, train
 from eqm.tasks.__main__ import main as tasks_main
 from eqm.tasks.sources import SOURCES, load_source
-from model_helpers import randomize_, tiny_eqm
+from model_helpers import Bowl, randomize_, tiny_eqm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Bowl:
-    """f(x) = m - x: descent pulls every input straight to the clean images m."""
-    num_classes = 3
-
-    def __init__(self, m):
-        self.m = m
-
-    def __call__(self, x, t, y):
-        return self.m - x
 
 
 def test_denoise_moves_toward_the_data_and_add_noise_interpolates():
