@@ -113,6 +113,15 @@ def print_profiles(work, rows):
         print(profile_table(fn, rows))
 
 
+def compare(work, args, peer):
+    """Warm up, time in interleaved rounds, print the ratio table (and the profiles); returns the table's data."""
+    warm_up(work, args.compile)
+    out = ratio_table(interleaved_medians(work, args.rounds, args.train_iters), peer)
+    if args.profile_rows:
+        print_profiles(work, args.profile_rows)
+    return out
+
+
 def profile_table(fn, rows):
     """The ops with the most self CPU time in one call of fn()."""
     from torch.profiler import ProfilerActivity, profile
@@ -171,11 +180,7 @@ def main(argv=None):
                                                           args.cfg_scale),
         ("sample", "fast"): fast["sample"],
     }
-    warm_up(work, args.compile)
-    out = ratio_table(interleaved_medians(work, args.rounds, args.train_iters), "published")
-    if args.profile_rows:
-        print_profiles(work, args.profile_rows)
-    return out
+    return compare(work, args, "published")
 
 
 if __name__ == "__main__":

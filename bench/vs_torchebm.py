@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eqm import runtime  # noqa: E402
 from eqm.models import EqM_configs, EqM_models  # noqa: E402
-from vs_published import fast_work, interleaved_medians, print_profiles, ratio_table, warm_up  # noqa: E402
+from vs_published import compare, fast_work  # noqa: E402
 
 # our parameter names -> torchebm.models.DiT's
 RENAMES = [("x_embedder.", "patch_embed."), ("embedding_table", "embedding"), ("attn.proj", "attn.out_proj"),
@@ -148,11 +148,7 @@ def main(argv=None):
     peer = torchebm_work(twin, x, y, xs, ys, args.sample_steps, args.cfg_scale)
     work = {("train", "torchebm"): peer["train"], ("train", "fast"): fast["train"],
             ("sample", "torchebm"): peer["sample"], ("sample", "fast"): fast["sample"]}
-    warm_up(work, args.compile)
-    out = ratio_table(interleaved_medians(work, args.rounds, args.train_iters), "torchebm")
-    if args.profile_rows:
-        print_profiles(work, args.profile_rows)
-    return out
+    return compare(work, args, "torchebm")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,24 @@ def cleanup():
     if is_dist():
         gc.collect()
         dist.destroy_process_group()
+
+
+def run_job(prog, job, device, timeout_min, expected=()):
+    """setup(), job(dist_info), cleanup(). The `expected` errors, file-system errors and a peer's death or freeze
+    end the program with one line, `prog: error: ...`, instead of a traceback."""
+    from eqm.utils import os_error_line
+
+    info = setup(device, timeout_min)
+    try:
+        return job(info)
+    except expected as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"{prog}: error: {os_error_line(e)}") from None
+    except RuntimeError as e:
+        line = peer_failure_message(e, timeout_min)
+        if line is None:
+            raise
+        raise SystemExit(f"{prog}: error: {line}") from None
+    finally:
+        cleanup()

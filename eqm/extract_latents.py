@@ -180,22 +180,8 @@ def main(argv=None):
     from eqm import distributed
 
     args = get_args(argv)
-    info = distributed.setup(args.device, args.dist_timeout)
-    try:
-        _run(args, info)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"eqm-extract-latents: error: {e}") from None
-    except OSError as e:
-        from eqm.utils import os_error_line
-
-        raise SystemExit(f"eqm-extract-latents: error: {os_error_line(e)}") from None
-    except RuntimeError as e:
-        line = distributed.peer_failure_message(e, args.dist_timeout)
-        if line is None:
-            raise
-        raise SystemExit(f"eqm-extract-latents: error: {line}") from None
-    finally:
-        distributed.cleanup()
+    distributed.run_job("eqm-extract-latents", lambda info: _run(args, info), args.device, args.dist_timeout,
+                        expected=(FileNotFoundError, ValueError))
 
 
 def _run(args, info):

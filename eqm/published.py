@@ -53,20 +53,32 @@ def timm_stand_in():
 
 
 def import_published(path):
-    """(models, transport, note) from a checkout of the published code."""
+    """(models, transport, note) from a checkout of the published code.
+
+    The timm stand-ins and the checkout's folder are on sys.modules / sys.path only while it is imported, so
+    nothing else (diffusers probes for timm) sees a stand-in afterwards."""
     if not os.path.isfile(os.path.join(path, "models.py")) or not os.path.isdir(os.path.join(path, "transport")):
         raise FileNotFoundError(f"{path!r} is not a checkout of raywang4/EqM (models.py, transport/)")
-    note = "timm"
+    note, stand_ins = "timm", {}
     try:
         import timm.models.vision_transformer  # noqa: F401
     except ImportError:
         vt = types.ModuleType("timm.models.vision_transformer")
         vars(vt).update(vars(timm_stand_in()))
-        for name in ("timm", "timm.models"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-        sys.modules["timm.models.vision_transformer"] = vt
+        stand_ins = {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
+                     "timm.models.vision_transformer": vt}
         note = "timm not importable: stand-ins for PatchEmbed/Attention/Mlp"
+    saved = {k: sys.modules.get(k) for k in stand_ins}
+    sys.modules.update(stand_ins)
     sys.path.insert(0, os.path.abspath(path))
-    import models
-    import transport
+    try:
+        import models
+        import transport
+    finally:
+        sys.path.remove(os.path.abspath(path))
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
     return models, transport, note

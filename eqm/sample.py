@@ -20,7 +20,7 @@ from eqm.checkpoint import CheckpointError
 from eqm.models import EqM_models
 from eqm.sampling import ODE_METHODS, SAMPLERS, SCHEDULES, sample
 from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, fill_defaults, str2bool
-from eqm.utils import create_logger, find_outputs, os_error_line, save_image_grid, to_uint8
+from eqm.utils import create_logger, find_outputs, save_image_grid, to_uint8
 
 PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
                           num_fid_samples=50_000, cfg_scale=4.0, stepsize=0.0017)
@@ -207,18 +207,7 @@ def main(argv=None):
         except CheckpointError as e:
             raise SystemExit(f"eqm-sample: error: {e}") from None
     args = resolve_args(args, parser, checkpoint_args(ckpt) if ckpt is not None else {})
-    dist_info = distributed.setup(args.device, args.dist_timeout)
-    try:
-        return run(args, ckpt, dist_info)
-    except OSError as e:
-        raise SystemExit(f"eqm-sample: error: {os_error_line(e)}") from None
-    except RuntimeError as e:
-        line = distributed.peer_failure_message(e, args.dist_timeout)
-        if line is None:
-            raise
-        raise SystemExit(f"eqm-sample: error: {line}") from None
-    finally:
-        distributed.cleanup()
+    return distributed.run_job("eqm-sample", lambda info: run(args, ckpt, info), args.device, args.dist_timeout)
 
 
 def run(args, ckpt, dist_info):

@@ -24,7 +24,7 @@ from eqm.models import EqM_models
 from eqm.objective import CT_SHAPES
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.latents import is_latent_dir, read_manifest
-from eqm.utils import claim_run_dir, create_logger, format_config, os_error_line, save_image_grid
+from eqm.utils import claim_run_dir, create_logger, format_config, save_image_grid
 
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
 
@@ -274,20 +274,8 @@ def main(argv=None):
     """Parse flags, train, and return a summary dict (steps, seconds, final loss, paths, log)."""
     parser = get_parser()
     args = resolve_args(parser.parse_args(argv), parser)
-    dist_info = distributed.setup(args.device, args.dist_timeout)
-    try:
-        return train(args, dist_info)
-    except (SetupError, CheckpointError, NonFiniteError) as e:
-        raise SystemExit(f"eqm-train: error: {e}") from None
-    except OSError as e:
-        raise SystemExit(f"eqm-train: error: {os_error_line(e)}") from None
-    except RuntimeError as e:
-        line = distributed.peer_failure_message(e, args.dist_timeout)
-        if line is None:
-            raise
-        raise SystemExit(f"eqm-train: error: {line}") from None
-    finally:
-        distributed.cleanup()
+    return distributed.run_job("eqm-train", lambda info: train(args, info), args.device, args.dist_timeout,
+                               expected=(SetupError, CheckpointError, NonFiniteError))
 
 
 def load_resume(args, model, ema, logger):

@@ -5,6 +5,7 @@ code is never copied here). eqm.published imports it, with stand-ins for timm's 
 """
 import contextlib
 import itertools
+import sys
 import os
 
 import numpy as np
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.skipif(not REPO, reason="set EQM_PUBLISHED_REPO to a ch
 @pytest.fixture(scope="module")
 def published():
     """The published models.py (timm's three layers stood in for where timm does not import)."""
+    had_timm = "timm" in sys.modules
     models, _, _ = import_published(REPO)
+    assert ("timm" in sys.modules) == had_timm  # no stand-in left behind (diffusers probes for timm)
     return models
 
 
