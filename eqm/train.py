@@ -168,6 +168,8 @@ def fill_defaults(args, parser, digits_defaults, published_defaults):
 
 def resolve_args(args, parser):
     """Fill unset options from the published or the digits defaults and validate them."""
+    if args.fresh_optimizer and not args.ckpt:
+        parser.error("--fresh-optimizer goes with --ckpt (it starts a new AdamW for the checkpoint's weights)")
     if is_latent_dir(args.data_path):  # the extraction's VAE and image size, unless set
         manifest = read_manifest(args.data_path)
         args.vae = manifest["vae"] if args.vae is None else args.vae

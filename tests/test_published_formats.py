@@ -183,3 +183,9 @@ def test_export_keeps_values_and_resets_runtime_flags():
     assert out["param_groups"][0]["foreach"] is None and out["param_groups"][0]["fused"] is None
     for i, st in opt.state_dict()["state"].items():
         assert torch.equal(out["state"][i]["exp_avg_sq"], st["exp_avg_sq"])
+
+
+def test_fresh_optimizer_without_ckpt_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        train.main(TINY + ["--fresh-optimizer"])
+    assert "--fresh-optimizer goes with --ckpt" in capsys.readouterr().err
