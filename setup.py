@@ -8,7 +8,9 @@ setup(
     name="eqm-fast",
     version="0.1.0",
     description="Fast Equilibrium Matching (EqM) and energy-based normalizing flows (EBFlow) with Triton kernels",
-    packages=find_packages(include=["eqm", "eqm.*", "kernels", "kernels.*"]),
+    # The kernels/ and bench/ folders install as eqm_kernels and eqm_bench: "kernels" is taken on the public index.
+    packages=find_packages(include=["eqm", "eqm.*"]) + ["eqm_kernels", "eqm_bench"],
+    package_dir={"eqm_kernels": "kernels", "eqm_bench": "bench"},
     python_requires=">=3.10",
     install_requires=[TORCH, TRITON, "numpy", "tqdm", "pillow", "scikit-learn", "matplotlib"],
     extras_require={

@@ -12,21 +12,17 @@ Prints a table (minutes, steps, loss, accuracy at CFG 1 and 2) and optionally wr
 import argparse
 import copy
 import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eqm import digits_eval, runtime  # noqa: E402
-from eqm.data import load_digits_tensor  # noqa: E402
-from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
-from eqm.models import EqM_configs, EqM_models  # noqa: E402
-from eqm.sample import DIGITS_DEFAULTS as SAMPLE_DEFAULTS  # noqa: E402
-from eqm.samplers import sample  # noqa: E402
-from eqm.train import DIGITS_DEFAULTS as TRAIN_DEFAULTS  # noqa: E402
+from eqm import digits_eval, runtime
+from eqm.data import load_digits_tensor
+from eqm.fast import EMA, TrainStep, make_optimizer
+from eqm.models import EqM_configs, EqM_models
+from eqm.sample import DIGITS_DEFAULTS as SAMPLE_DEFAULTS
+from eqm.samplers import sample
+from eqm.train import DIGITS_DEFAULTS as TRAIN_DEFAULTS
 
 
 def get_parser():
@@ -76,7 +72,7 @@ def main(argv=None):
           f"({runtime.precision_reason()}), {threads} thread(s), compile {args.compile}")
     ema = copy.deepcopy(model).requires_grad_(False)
     if args.published:  # the published EqM class and train.py step; its EMA is read into ours for sampling
-        from vs_published import published_train_step
+        from eqm_bench.vs_published import published_train_step
 
         from eqm.published import import_published
 

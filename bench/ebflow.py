@@ -14,15 +14,13 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from eqm import validate as V  # noqa: E402
-from eqm.ebflow.losses import LOSSES, compute_loss  # noqa: E402
-from eqm.ebflow.models import fc_flow  # noqa: E402
+from eqm import validate as V
+from eqm.ebflow.losses import LOSSES, compute_loss
+from eqm.ebflow.models import fc_flow
 
 
 def time_step(dim, loss, batch_size, steps, warmup, seed=0):

@@ -3,9 +3,9 @@
     python bench/gpu_check.py [--report gpu_check.md] [--quick]
 
 Runs, each as its own process, and records pass/fail, seconds and the output's tail:
-  1. the kernel compile check for this GPU's architecture (python -m kernels.aot)
+  1. the kernel compile check for this GPU's architecture (python -m eqm_kernels.aot)
   2. the kernel and fused-model tests, compiled on CUDA (tests/conftest.py interprets only without a GPU)
-  3. bench/kernels.py at EqM-XL/2 shapes (Triton against torch.compile and SDPA)
+  3. bench/kernel_ops.py at EqM-XL/2 shapes (Triton against torch.compile and SDPA)
   4. bench/throughput.py at EqM-XL/2
   5. CUDA-graph sampling against the plain loop, and the DALI GPU decode tests
   6. 2-GPU nccl DDP / FSDP tests (skipped with fewer than 2 GPUs)
@@ -25,11 +25,11 @@ def steps(arch, gpus, quick):
     py = sys.executable
     xl = ["--model", "EqM-XL/2"] if not quick else ["--model", "EqM-B/2"]
     out = [
-        ("compile check", [py, "-m", "kernels.aot", "--arch", str(arch)]),
+        ("compile check", [py, "-m", "eqm_kernels.aot", "--arch", str(arch)]),
         ("kernel + fused-model tests (compiled)", [py, "-m", "pytest", "-q", "tests/test_kernels_adaln.py",
                                                   "tests/test_kernels_attention.py", "tests/test_kernels_eqm_loss.py",
                                                   "tests/test_fused_model.py"]),
-        ("bench/kernels.py at EqM-XL/2 shapes", [py, "bench/kernels.py", "--dtype", "bf16"]),
+        ("bench/kernel_ops.py at EqM-XL/2 shapes", [py, "bench/kernel_ops.py", "--dtype", "bf16"]),
         ("bench/throughput.py", [py, "bench/throughput.py", *xl]),
         ("CUDA-graph sampler = plain loop, DALI decode", [py, "-m", "pytest", "-q", "tests/test_graph_sampler.py",
                                                          "tests/test_dali.py"]),

@@ -11,19 +11,16 @@ Writes frontier.json/.png, ood.json, denoise.json/.png, compose.png into --out.
 import argparse
 import json
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eqm import digits_quality, tasks  # noqa: E402
-from eqm.data import load_digits_tensor  # noqa: E402
-from eqm.sampling import make_field, sample  # noqa: E402
-from eqm.tasks.__main__ import load_model  # noqa: E402
-from eqm.tasks.sources import load_source  # noqa: E402
-from eqm.utils import save_image_grid  # noqa: E402
+from eqm import digits_quality, tasks
+from eqm.data import load_digits_tensor
+from eqm.sampling import make_field, sample
+from eqm.tasks.__main__ import load_model
+from eqm.tasks.sources import load_source
+from eqm.utils import save_image_grid
 
 PARTS = ("frontier", "ood", "denoise", "compose")
 

@@ -25,22 +25,20 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eqm import validate as V  # noqa: E402
-from eqm.distributed import resolve_device  # noqa: E402
-from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,  # noqa: E402
+from eqm import validate as V
+from eqm.distributed import resolve_device
+from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
                       set_precision, train_flops_per_image)
-from eqm import runtime  # noqa: E402
-from eqm.graph_sampler import GraphSampler  # noqa: E402
-from eqm.models import EqM_models  # noqa: E402
-from eqm.objective import eqm_training_losses  # noqa: E402
-from eqm.samplers import sample  # noqa: E402
+from eqm import runtime
+from eqm.graph_sampler import GraphSampler
+from eqm.models import EqM_models
+from eqm.objective import eqm_training_losses
+from eqm.samplers import sample
 
 
 def sync(device):

@@ -5,17 +5,14 @@
     python bench/train_step.py --compile --precision bf16          # the CLI's default on CUDA
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eqm import validate as V  # noqa: E402
-from eqm.models import EqM_models  # noqa: E402
-from eqm.distributed import resolve_device  # noqa: E402
-from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
+from eqm import validate as V
+from eqm.models import EqM_models
+from eqm.distributed import resolve_device
+from eqm.fast import EMA, TrainStep, make_optimizer
 
 
 def main(argv=None):

@@ -13,21 +13,18 @@ The published code is only imported from --published, never copied here.
 """
 import argparse
 import copy
-import os
 import statistics
-import sys
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eqm import runtime  # noqa: E402
-from eqm.fast import EMA, TrainStep, make_optimizer  # noqa: E402
-from eqm.graph_sampler import GraphSampler  # noqa: E402
-from eqm.models import EqM_configs, EqM_models  # noqa: E402
-from eqm.published import import_published  # noqa: E402
-from throughput import reference_train_step  # noqa: E402
+from eqm import runtime
+from eqm.fast import EMA, TrainStep, make_optimizer
+from eqm.graph_sampler import GraphSampler
+from eqm.models import EqM_configs, EqM_models
+from eqm.published import import_published
+from eqm_bench.throughput import reference_train_step
 
 
 def published_train_step(model, transport, decay=0.9999, lr=1e-4, ema=None):

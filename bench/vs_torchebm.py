@@ -13,17 +13,13 @@ precision is CUDA-only, so it runs fp32 on CPU; ours runs the probed precision (
 rounds and profiles come from vs_published.py.
 """
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eqm import runtime  # noqa: E402
-from eqm.models import EqM_configs, EqM_models  # noqa: E402
-from vs_published import compare, fast_work  # noqa: E402
+from eqm import runtime
+from eqm.models import EqM_configs, EqM_models
+from eqm_bench.vs_published import compare, fast_work
 
 # our parameter names -> torchebm.models.DiT's
 RENAMES = [("x_embedder.", "patch_embed."), ("embedding_table", "embedding"), ("attn.proj", "attn.out_proj"),

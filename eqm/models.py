@@ -27,7 +27,7 @@ _missing_kernels = set()
 def _kernel(name):
     """The fused op `kernels.<name>`, or None (with a one-time warning) when kernels/ lacks it."""
     try:
-        import kernels
+        import eqm_kernels as kernels
         fn = getattr(kernels, name)
     except (ImportError, AttributeError):
         if name not in _missing_kernels:

@@ -82,7 +82,7 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
         fused = getattr(model, "fused", getattr(getattr(model, "module", None), "fused", False))
     fused = fused and ct_shape == "truncated-linear"
     if fused:
-        import kernels
+        import eqm_kernels as kernels
         _check_a(a)
         xt, target = kernels.eqm_interpolate(x1, x0, t, a, lam, with_target=True)
     else:

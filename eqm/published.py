@@ -5,6 +5,7 @@ Its models.py imports timm's PatchEmbed, Attention and Mlp; timm does not import
 written from timm's documented behaviour. The published code is only ever imported from the given path,
 never copied into this project.
 """
+import importlib.util
 import os
 import sys
 import types
@@ -52,11 +53,21 @@ def timm_stand_in():
     return types.SimpleNamespace(PatchEmbed=PatchEmbed, Attention=Attention, Mlp=Mlp)
 
 
+def _load(file, name):
+    """Import `file` as module `name` (a package when it is an __init__.py), without touching sys.path."""
+    folder = os.path.dirname(file) if file.endswith("__init__.py") else None
+    spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=[folder] if folder else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def import_published(path):
     """(models, transport, note) from a checkout of the published code.
 
-    The timm stand-ins and the checkout's folder are on sys.modules / sys.path only while it is imported, so
-    nothing else (diffusers probes for timm) sees a stand-in afterwards."""
+    The files are loaded by path (nothing is added to sys.path); the timm stand-ins are on sys.modules only while
+    they load, so nothing else (diffusers probes for timm) sees a stand-in afterwards."""
     if not os.path.isfile(os.path.join(path, "models.py")) or not os.path.isdir(os.path.join(path, "transport")):
         raise FileNotFoundError(f"{path!r} is not a checkout of raywang4/EqM (models.py, transport/)")
     note, stand_ins = "timm", {}
@@ -70,12 +81,10 @@ def import_published(path):
         note = "timm not importable: stand-ins for PatchEmbed/Attention/Mlp"
     saved = {k: sys.modules.get(k) for k in stand_ins}
     sys.modules.update(stand_ins)
-    sys.path.insert(0, os.path.abspath(path))
     try:
-        import models
-        import transport
+        models = _load(os.path.join(path, "models.py"), "eqm_published_models")
+        transport = _load(os.path.join(path, "transport", "__init__.py"), "eqm_published_transport")
     finally:
-        sys.path.remove(os.path.abspath(path))
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)

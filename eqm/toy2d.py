@@ -10,7 +10,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -185,7 +185,7 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
     block_d = row_block(D)
     # One token per step on a GPU, 4 elements per thread with the residual (8 without): at most 64 registers,
     # so 32 warps per SM (two tokens with 16 warps took 124 registers: 16 warps per SM). Checked with
-    # `python -m kernels.aot` (4 elements per thread without the residual spill on sm_80).
+    # `python -m eqm_kernels.aot` (4 elements per thread without the residual spill on sm_80).
     rows = _rows_per_program(block_d) if INTERPRET else 1
     warps = 1 if INTERPRET else max(1, min(16, block_d // (128 if has_res else 256)))
     n_blocks = triton.cdiv(T, rows)

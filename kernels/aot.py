@@ -1,6 +1,6 @@
 """Compile check without a GPU: every kernel variant the model launches, built for sm_90 / sm_80 on a CPU.
 
-    python -m kernels.aot --arch 90 [--precision bf16] [--model EqM-XL/2] [--kernel attention]
+    python -m eqm_kernels.aot --arch 90 [--precision bf16] [--model EqM-XL/2] [--kernel attention]
 
 Triton's driver is replaced by a stand-in that reports the chosen GPU target; the real host wrappers
 run on `meta` tensors strided as the model lays them out (q/k/v as views of the qkv output, adaLN
@@ -377,7 +377,7 @@ def main(argv=None):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly (no warning)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter was chosen at import: restart without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *(argv or sys.argv[1:])], env)
+        os.execve(sys.executable, [sys.executable, "-m", "eqm_kernels.aot", *(argv or sys.argv[1:])], env)
     precisions = PRECISIONS if "all" in args.precision else tuple(args.precision)
     models = MODELS if args.model == "all" else (args.model,)
     failed = total = 0

@@ -252,7 +252,7 @@ def _tuned(fn, blocks, key):
 
 
 # Autotune configs (BLOCK_M, BLOCK_N, warps, stages, widest head tile) per input width and GPU generation
-# (sm_90 and later, or sm_80-89), pruned with `python -m kernels.aot`: each one compiles within the limits
+# (sm_90 and later, or sm_80-89), pruned with `python -m eqm_kernels.aot`: each one compiles within the limits
 # and without spills at head dims 64, 72 (64 + 16 tiles) and, where its last entry says 128, 128.
 _CONFIGS_16 = {"fwd": [(128, 64, 8, 3, 128), (64, 64, 4, 3, 128), (128, 32, 4, 3, 80), (64, 32, 4, 2, 128)],
                "dkdv": [(64, 64, 8, 2, 128), (32, 64, 4, 3, 128), (32, 32, 4, 3, 128)],

@@ -1,14 +1,12 @@
 """The main job, bench/throughput.py, end to end at a toy size: the JSON contract of the issue and the chart."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import throughput  # noqa: E402
+from eqm_bench import throughput
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +40,7 @@ def test_throughput_json_and_chart(tmp_path, aot_eager_compiles):
 
 
 def test_digits_curve_rows(tmp_path):
-    import digits_curve
+    from eqm_bench import digits_curve
 
     rows = digits_curve.main(["--max-steps", "4", "--eval-steps", "2", "--samples", "10", "--sample-steps", "2",
                               "--threads", "1", "--json", str(tmp_path / "c.json")])
@@ -54,7 +52,7 @@ def test_digits_curve_rows(tmp_path):
 @pytest.mark.skipif(not os.environ.get("EQM_PUBLISHED_REPO"), reason="set EQM_PUBLISHED_REPO to a checkout of "
                     "raywang4/EqM")
 def test_vs_published_runs():
-    import vs_published
+    from eqm_bench import vs_published
 
     out = vs_published.main(["--published", os.environ["EQM_PUBLISHED_REPO"], "--model", "EqM-Ti/4",
                              "--input-size", "8", "--batch-size", "2", "--sample-batch-size", "2", "--sample-steps", "3",
@@ -64,7 +62,7 @@ def test_vs_published_runs():
 
 def test_vs_torchebm_runs():
     pytest.importorskip("torchebm", reason='torchebm not installed (pip install -e ".[peers]")')
-    import vs_torchebm
+    from eqm_bench import vs_torchebm
 
     out = vs_torchebm.main(["--model", "EqM-Ti/4", "--input-size", "8", "--batch-size", "2", "--sample-batch-size", "2",
                             "--sample-steps", "3", "--train-iters", "1", "--rounds", "1", "--precision", "fp32",
@@ -75,7 +73,7 @@ def test_vs_torchebm_runs():
 def test_vs_torchebm_twin_check_fails_on_other_weights(monkeypatch):
     pytest.importorskip("torchebm", reason='torchebm not installed (pip install -e ".[peers]")')
     import torch
-    import vs_torchebm
+    from eqm_bench import vs_torchebm
 
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
     assert vs_torchebm.check_same_function("EqM-Ti/4", 8, x, y) < 1e-5

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eqm.objective import eqm_training_losses
-from kernels._testing import assert_matches, print_errors
+from eqm_kernels._testing import assert_matches, print_errors
 from model_helpers import randomize_, tiny_eqm
 
 # Head dim 16 with two blocks (the cross-block fusion), and head dim 72 (EqM-XL's) with one block.
@@ -137,7 +137,7 @@ def test_compiled_fused_ebm_forward_matches_eager():
 
 def test_gated_residual_adaln_non_contiguous_stream():
     """The residual stream leaves the patch embedder transposed (strides (T*D, 1, T)): gradients and strides hold."""
-    import kernels
+    import eqm_kernels as kernels
     torch.manual_seed(0)
     N, T, D = 2, 16, 32
     x, y = (torch.randn(N, D, T).transpose(1, 2).requires_grad_() for _ in range(2))
@@ -195,7 +195,7 @@ def test_adaln_output_in_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused(torch.randn(2, 4, 8, 8), None, Y)
     assert seen == [torch.bfloat16, torch.float32]
-    import kernels
+    import eqm_kernels as kernels
     x, y = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 5, 32)
     gate, shift, scale = (torch.randn(2, 32) for _ in range(3))
     r, h = kernels.gated_residual_adaln(x, gate, y, shift, scale, out_dtype=torch.bfloat16)

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from kernels.aot import Variant, inspect_copies, inspect_ptx, parse_ptxas
+from eqm_kernels.aot import Variant, inspect_copies, inspect_ptx, parse_ptxas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def test_problems():
 def test_attention_compiles_for_sm90():
     """Every bf16 attention variant at EqM-B/2 shapes compiles for an H100 within its limits (no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--precision", "bf16",
+    res = subprocess.run([sys.executable, "-m", "eqm_kernels.aot", "--arch", "90", "--precision", "bf16",
                           "--model", "EqM-B/2", "--kernel", "attention"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

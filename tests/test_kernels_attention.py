@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels._testing import assert_matches, poisoned_allocations, print_errors
+import eqm_kernels as kernels
+from eqm_kernels._testing import assert_matches, poisoned_allocations, print_errors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -197,7 +197,7 @@ def test_forward_with_cfg_published_return_structures(ebm):
 
 
 def test_fused_switch_matches_reference(monkeypatch):
-    import kernels
+    import eqm_kernels as kernels
     model = randomize_(tiny_eqm(), std=0.1).eval()
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([0, 5])
     ref = model(x, None, y)
@@ -296,7 +296,7 @@ def test_ebm_training_double_backward_matches_finite_difference():
 
 
 def test_fused_routes_hot_ops_to_kernels(monkeypatch):
-    import kernels
+    import eqm_kernels as kernels
     from eqm import models as M
 
     calls = {"adaln_modulate": 0, "gated_residual_adaln": 0, "attention": 0}

@@ -128,7 +128,7 @@ def test_fused_objective_matches_reference(disp):
 
 
 def test_fused_objective_follows_model_fused(monkeypatch):
-    import kernels
+    import eqm_kernels as kernels
     calls = []
     monkeypatch.setattr(kernels, "eqm_loss", lambda *a, **k: calls.append(1) or kernels.eqm_loss_reference(*a, **k))
     model = tiny_eqm(depth=1)

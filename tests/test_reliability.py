@@ -138,10 +138,8 @@ def test_bad_numeric_flags_rejected_when_parsed(cli, flag, value, capsys):
 
 
 def test_bench_flags_rejected(capsys):
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import ebflow as bench_ebflow
-    import train_step as bench_train_step
+    from eqm_bench import ebflow as bench_ebflow
+    from eqm_bench import train_step as bench_train_step
 
     for fn, argv in [(bench_ebflow.main, ["--dims", "1", "8"]), (bench_ebflow.main, ["--steps", "0"]),
                      (bench_train_step.main, ["--threads", "-2"]), (bench_train_step.main, ["--input-size", "7"])]:

@@ -1,14 +1,12 @@
 """bench/sampler_frontier.py on a 2-step digits model with tiny settings: every part runs and writes its files."""
 import json
 import os
-import sys
 
 import pytest
 
 from eqm import train
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import sampler_frontier  # noqa: E402
+from eqm_bench import sampler_frontier
 
 
 def test_sampler_frontier_writes_every_part(tmp_path, one_thread):

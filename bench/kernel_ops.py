@@ -1,6 +1,6 @@
 """Benchmark the EqM kernels against PyTorch eager, torch.compile of the same reference, SDPA / flash-attn.
 
-    python bench/kernels.py [--batch 32] [--dtype bf16] [--json out.json]
+    python bench/kernel_ops.py [--batch 32] [--dtype bf16] [--json out.json]
 
 On a CUDA GPU one command prints the whole table at EqM-XL/2 shapes (256 tokens, hidden 1152, 16 heads
 of 72, 4x32x32 latents): milliseconds, GB/s and % of the measured device-to-device copy bandwidth for
@@ -9,18 +9,14 @@ reference (eager and compiled) at small shapes: the Triton kernels run there onl
 """
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-# This file is bench/kernels.py: drop its folder from the path so `import kernels` finds the package.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-import kernels  # noqa: E402
-from eqm import validate as V  # noqa: E402
+import eqm_kernels as kernels
+from eqm import validate as V
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
