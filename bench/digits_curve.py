@@ -17,7 +17,7 @@ import time
 import torch
 
 from eqm import digits_eval, runtime
-from eqm.data import load_digits_tensor
+from eqm.datasets import load_digits_tensor
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.models import EqM_configs, EqM_models
 from eqm.sample import DIGITS_DEFAULTS as SAMPLE_DEFAULTS

@@ -16,7 +16,7 @@ import time
 import torch
 
 from eqm import digits_quality, tasks
-from eqm.data import load_digits_tensor
+from eqm.datasets import load_digits_tensor
 from eqm.sampling import make_field, sample
 from eqm.tasks.__main__ import load_model
 from eqm.tasks.sources import load_source

@@ -1,6 +1,6 @@
-"""NVIDIA DALI input pipeline for ImageFolder JPEGs: decode, ADM center crop, random flip, normalise.
+"""ImageFolder JPEGs through NVIDIA DALI (decode, ADM center crop, random flip, normalise) as a DataSource.
 
-Same images as the torch DataLoader path (eqm.data) up to one documented difference in resampling:
+Same images as the torch DataLoader path (eqm.datasets.ImageFolderSource) up to one documented difference in resampling:
 
 - Geometry is identical. ADM's `center_crop_arr` halves the image with BOX while its shorter side is
   >= 2 * image_size, then resizes with BICUBIC so the shorter side is image_size (long side rounded),
@@ -12,7 +12,7 @@ Same images as the torch DataLoader path (eqm.data) up to one documented differe
   (worst image ~0.05, correlation 0.999); images that need none agree to ~0.001 (tests/test_dali.py).
 - EXIF orientation is ignored, as PIL's `Image.open` does.
 
-The file order and the flips come from eqm.data's DistributedIndexSampler (a function of seed and epoch,
+The file order and the flips come from eqm.datasets' DistributedIndexSampler (a function of seed and epoch,
 split across ranks, resumable at a batch), so DALI and the DataLoader yield the same images in the same
 order with the same flips; DALI only replaces decoding and augmentation. The flip bit travels through
 the reader's label (label * 2 + flip).
@@ -24,6 +24,8 @@ decoder output is bit-identical to PIL's.
 import os
 
 import torch
+
+from eqm.datasets import ImageFolderSource, Loader
 
 
 def _import_dali():
@@ -80,12 +82,12 @@ def _build_pipeline(paths, labels, image_size, batch_size, device_id, num_thread
     return pipeline()
 
 
-class DaliLoader:
+class DaliLoader(Loader):
     """(x, y) batches in a DistributedIndexSampler's order: x float32 (B, 3, S, S) in [-1, 1] on the DALI
-    device (CPU, or the GPU with `mixed` decoding), y int64 (B,). Same attributes as eqm.data's loaders."""
+    device (CPU, or the GPU with `mixed` decoding), y int64 (B,)."""
 
-    def __init__(self, samples, image_size, sampler, device="cpu", num_threads=None, num_classes=None):
-        _import_dali()
+    def __init__(self, samples, image_size, sampler, device="cpu", num_threads=None):
+        super().__init__(sampler)
         device = torch.device(device)
         if device.type == "cuda":
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
@@ -94,13 +96,7 @@ class DaliLoader:
         else:
             raise ValueError(f"DALI runs on 'cpu' or 'cuda' devices, got {device}")
         self.num_threads = num_threads or max(1, min(8, (os.cpu_count() or 2) // max(1, sampler.world_size)))
-        self.samples, self.sampler = samples, sampler
-        self.channels, self.image_size = 3, image_size
-        self.num_classes = num_classes or 1 + max(label for _, label in samples)
-        self.num_items, self.latents = len(samples), False
-
-    def __len__(self):
-        return len(self.sampler) // self.sampler.batch_size
+        self.samples, self.image_size = samples, image_size
 
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -119,17 +115,14 @@ class DaliLoader:
             yield batch[0]["x"], batch[0]["y"].view(-1).long()
 
 
-def build_dali_loader(data_path, image_size, batch_size, rank=0, world_size=1, seed=0, device="cpu", flip=True,
-                      num_threads=None, num_classes=None, samples=None):
-    """(loader, sampler) reading an ImageFolder with DALI, sharded per rank (`batch_size` is per rank).
+class DaliSource(ImageFolderSource):
+    """The ImageFolderSource's images, order and flips, decoded and augmented by DALI on `device`."""
 
-    Call `sampler.set_epoch(epoch, start_batch)` before each epoch, as for eqm.data.build_loader.
-    `samples` ([(path, label)]) overrides scanning `data_path`.
-    """
-    from eqm.data import DistributedIndexSampler, ImageFolder
+    def __init__(self, root, image_size, num_classes=None, flip=True, device="cpu", num_threads=None):
+        _import_dali()
+        super().__init__(root, image_size, num_classes, flip)
+        self.device, self.num_threads = device, num_threads
 
-    _import_dali()
-    if samples is None:
-        samples = ImageFolder(data_path, image_size).samples
-    sampler = DistributedIndexSampler(len(samples), batch_size, rank, world_size, seed, shuffle=True, flip=flip)
-    return DaliLoader(samples, image_size, sampler, device, num_threads, num_classes), sampler
+    def loader(self, batch_size, rank=0, world_size=1, seed=0):
+        sampler = self._sampler(batch_size, rank, world_size, seed, self.flip)
+        return DaliLoader(self.dataset.samples, self.image_size, sampler, self.device, self.num_threads)

@@ -26,7 +26,7 @@ def frechet_distance(a, b):
 
 def real_features():
     """Features of all 1797 real digits (the reference set of the distance)."""
-    from eqm.data import load_digits_tensor
+    from eqm.datasets import load_digits_tensor
 
     return features(load_digits_tensor()[0])
 

@@ -67,7 +67,7 @@ def extract_latents(data_path, out, vae, vae_name, image_size=256, flip_both=Fal
     `vae` is a diffusers AutoencoderKL (or anything `encode(vae, x)` accepts), `vae_name` is recorded in
     the manifest. Shard k holds images [k * shard_size, (k + 1) * shard_size) of the sorted file list.
     """
-    from eqm.data import ImageFolder
+    from eqm.datasets import ImageFolder
     from eqm.vae import LATENT_SCALE
     from eqm.vae import encode as vae_encode
 

@@ -1,4 +1,4 @@
-"""Pre-encoded VAE latents (written by `python -m eqm.extract_latents`), read back memory-mapped.
+"""Latent folders written by `python -m eqm.extract_latents`: their layout, and a DataSource reading them memory-mapped.
 
 Layout of a latent directory (the fast-DiT recipe: encode once, no VAE in the training loop):
   latents.json                manifest: image_size, latent_shape, vae, scale_factor, dtype, count, classes, shards
@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 import torch
+
+from eqm.datasets import DataSource, Loader
 
 MANIFEST = "latents.json"
 FORMAT = "eqm-latents-v1"
@@ -82,44 +84,44 @@ class LatentDataset:
         return torch.from_numpy(out), self.labels[torch.from_numpy(idx)]
 
 
-class LatentLoader:
+class LatentLoader(Loader):
     """(x, y) batches of latents in the order of a DistributedIndexSampler (index, flip) for this rank."""
 
-    def __init__(self, dataset, sampler, num_classes):
-        m = dataset.manifest
-        self.dataset, self.sampler = dataset, sampler
-        self.channels, self.latent_size = m["latent_shape"][0], m["latent_shape"][-1]
-        self.image_size, self.vae = m["image_size"], m["vae"]
-        self.num_classes, self.num_items, self.latents = num_classes, len(dataset), True
+    def __init__(self, dataset, sampler):
+        super().__init__(sampler)
+        self.dataset = dataset
 
-    def __len__(self):
-        return len(self.sampler) // self.sampler.batch_size
-
-    def __iter__(self):
-        idx, flip = self.sampler.indices()
-        bs = self.sampler.batch_size
-        for i in range(0, len(idx) - bs + 1, bs):
-            yield self.dataset.gather(idx[i:i + bs].numpy(), flip[i:i + bs].numpy())
+    def batch(self, idx, flip):
+        return self.dataset.gather(idx.numpy(), flip.numpy())
 
 
-def build_latent_loader(path, batch_size, rank=0, world_size=1, seed=0, flip=True, image_size=None,
-                        num_classes=None):
-    """(loader, sampler) over a latent directory, sharded per rank (`batch_size` is per rank).
+def vae_factor(manifest):
+    """Pixels per latent side of a latent folder, as its manifest records it (8 for the sd-vae-ft-* VAEs)."""
+    return manifest["image_size"] // manifest["latent_shape"][-1]
 
-    Order and flip choices are a function of (seed, epoch) only, as for the image path: call
-    `sampler.set_epoch(epoch, start_batch)` before each epoch. Flips pick the stored flipped latents, so
-    they need a directory extracted with --flip-both (otherwise no flipping happens).
+
+class LatentSource(DataSource):
+    """A latent folder: no VAE in the training loop. Flips pick the stored flipped latents, so they need a
+    folder extracted with --flip-both (otherwise no flipping happens).
+
+    image_size / num_classes: what the run expects; a clear error when the folder disagrees.
     """
-    from eqm.data import DistributedIndexSampler
 
-    dataset = LatentDataset(path)
-    m = dataset.manifest
-    if image_size is not None and image_size != m["image_size"]:
-        raise ValueError(f"--image-size {image_size} but the latents in {path!r} were extracted at "
-                         f"{m['image_size']}; pass --image-size {m['image_size']} or re-extract")
-    n_cls = len(m["classes"])
-    if num_classes is not None and n_cls > num_classes:
-        raise ValueError(f"{path!r} has {n_cls} classes but --num-classes is {num_classes}; raise --num-classes")
-    sampler = DistributedIndexSampler(len(dataset), batch_size, rank, world_size, seed, shuffle=True,
-                                      flip=flip and m["flip_both"])
-    return LatentLoader(dataset, sampler, num_classes or n_cls), sampler
+    latent = True
+
+    def __init__(self, path, image_size=None, num_classes=None, flip=True):
+        self.dataset = LatentDataset(path)
+        m = self.dataset.manifest
+        if image_size is not None and image_size != m["image_size"]:
+            raise ValueError(f"--image-size {image_size} but the latents in {path!r} were extracted at "
+                             f"{m['image_size']}; pass --image-size {m['image_size']} or re-extract")
+        n_cls = len(m["classes"])
+        if num_classes is not None and n_cls > num_classes:
+            raise ValueError(f"{path!r} has {n_cls} classes but --num-classes is {num_classes}; raise --num-classes")
+        self.num_classes, self.num_items = num_classes or n_cls, len(self.dataset)
+        self.shape, self.image_size = tuple(m["latent_shape"]), m["image_size"]
+        self.vae, self.vae_factor = m["vae"], vae_factor(m)
+        self.flip = flip and m["flip_both"]
+
+    def loader(self, batch_size, rank=0, world_size=1, seed=0):
+        return LatentLoader(self.dataset, self._sampler(batch_size, rank, world_size, seed, self.flip))

@@ -314,17 +314,19 @@ def train(args, dist_info):
     torch.manual_seed(args.global_seed * world + rank)
 
     try:
-        loader, sampler = data.build_loader(args, rank, world, args.global_seed)
-    except (FileNotFoundError, ValueError) as e:
+        source = data.make_source(args.data_path, args.image_size, num_classes=args.num_classes, dali=args.dali,
+                                  device=device, num_workers=args.num_workers)
+        loader = source.loader(args.global_batch_size // world, rank, world, args.global_seed)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise SetupError(str(e)) from None
-    if loader.num_classes > args.num_classes:
-        raise SetupError(f"the data has {loader.num_classes} classes but --num-classes is {args.num_classes}")
+    if source.num_classes > args.num_classes:
+        raise SetupError(f"the data has {source.num_classes} classes but --num-classes is {args.num_classes}")
     exp_dir = new_experiment_dir(args.results_dir, args.model) if rank == 0 else None
     exp_dir = distributed.broadcast_object(exp_dir)
     logger = create_logger(exp_dir, rank)
     pixel = args.vae == "none"
-    if pixel or loader.latents:
-        args.in_channels = loader.channels
+    if pixel or source.latent:
+        args.in_channels = source.channels
     else:
         args.in_channels = 4
     vae = None
@@ -332,7 +334,7 @@ def train(args, dist_info):
         try:
             vae = vae_lib.load_vae(args.vae, device)
         except (FileNotFoundError, RuntimeError) as e:
-            if not loader.latents:
+            if not source.latent:
                 raise SetupError(str(e)) from None
             logger.info(f"warning: {e}\nTraining on the latents without sample grids (they need the VAE decoder).")
             args.sample_every = 0
@@ -358,7 +360,7 @@ def train(args, dist_info):
             epoch = pos["epoch"]
             batch = pos["batch"] * pos["global_batch_size"] // args.global_batch_size
         elif step:
-            epoch, batch = divmod(step, sampler.batches_per_epoch)
+            epoch, batch = divmod(step, loader.batches_per_epoch)
         rngs = state["rng"]
         if rngs is not None and len(rngs) == world:
             set_rng_state(rngs[rank], device)
@@ -405,7 +407,7 @@ def train(args, dist_info):
         wandb.init(project=os.environ.get("PROJECT", "eqm"), entity=os.environ.get("ENTITY"), name=name,
                    config=vars(args), id=run_id, resume="allow")
 
-    bpe = sampler.batches_per_epoch
+    bpe = loader.batches_per_epoch
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * bpe
     log, last_ckpt, last_grid, avg_loss = [], None, None, float("nan")
     running, log_steps = torch.zeros((), device=device), 0
@@ -425,7 +427,7 @@ def train(args, dist_info):
             sampling_model = plain_ema
         if rank != 0:
             return None
-        path = sample_grid(sampling_model, vae, args, loader.num_classes, device,
+        path = sample_grid(sampling_model, vae, args, source.num_classes, device,
                            os.path.join(exp_dir, "samples", f"{step:07d}.png"))
         if path is None:
             logger.info(f"warning: the EMA sample grid at step {step} is non-finite (no PNG written): "
@@ -459,11 +461,11 @@ def train(args, dist_info):
         return path
 
     while step < total_steps:
-        sampler.set_epoch(epoch, batch)
+        loader.set_epoch(epoch, batch)
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            if vae is not None and not loader.latents:
+            if vae is not None and not source.latent:
                 x = vae_lib.encode(vae, x)
             loss = step_fn(x, y)
             step += 1

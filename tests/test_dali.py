@@ -1,14 +1,15 @@
-"""DALI pipeline: same images, order, flips and per-rank shards as the PIL/DataLoader path (eqm.data)."""
+"""DALI pipeline: same images, order, flips and per-rank shards as the PIL/DataLoader path (eqm.datasets)."""
 import sys
 
 import pytest
 import torch
 
-from eqm.data import DistributedIndexSampler, FolderLoader, ImageFolder
+from eqm.datasets import DistributedIndexSampler, FolderLoader, ImageFolder
 from test_latents import make_image_folder
 
 pytest.importorskip("nvidia.dali")
-from eqm.dali import build_dali_loader  # noqa: E402
+from eqm.dali import DaliSource  # noqa: E402
+from eqm.data import make_source  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +19,14 @@ def folder(tmp_path_factory):
 
 def both_paths(folder, image_size, batch_size, flip, seed=0, epochs=(0, 1)):
     """Concatenated (x, y) of the DALI loader and the DataLoader path over the same sampler settings."""
-    dali, dali_sampler = build_dali_loader(folder, image_size, batch_size, seed=seed, flip=flip, num_threads=1)
+    dali = DaliSource(folder, image_size, flip=flip, num_threads=1).loader(batch_size, seed=seed)
     ds = ImageFolder(folder, image_size)
     sampler = DistributedIndexSampler(len(ds), batch_size, seed=seed, flip=flip)
-    ref = FolderLoader(ds, sampler, num_workers=0, pin_memory=False, num_classes=2)
+    ref = FolderLoader(ds, sampler, num_workers=0, pin_memory=False)
     out = {"dali": [], "ref": []}
     flips = []
     for epoch in epochs:
-        dali_sampler.set_epoch(epoch)
+        dali.set_epoch(epoch)
         sampler.set_epoch(epoch)
         flips.append(sampler.indices()[1])
         out["dali"] += list(dali)
@@ -63,20 +64,22 @@ def test_dali_shards_are_disjoint_across_ranks(folder):
     samples = [(path, i) for i, (path, _) in enumerate(ds.samples)]  # label = file index, to identify files
     seen = []
     for rank in range(2):
-        loader, sampler = build_dali_loader(folder, 16, 3, rank=rank, world_size=2, seed=5, flip=False,
-                                            num_threads=1, samples=samples)
-        sampler.set_epoch(0)
+        source = make_source(folder, 16, dali=True, flip=False)
+        source.num_threads, source.dataset.samples = 1, samples
+        assert type(source) is DaliSource and source.shape == (3, 16, 16) and source.num_classes == 2
+        loader = source.loader(3, rank=rank, world_size=2, seed=5)
+        loader.set_epoch(0)
         ids = torch.cat([y for _, y in loader])
-        assert len(loader) == 2 and ids.tolist() == sampler.indices()[0].tolist()
+        assert len(loader) == 2 and ids.tolist() == loader.sampler.indices()[0].tolist()
         seen.append(set(ids.tolist()))
-        sampler.set_epoch(0, start_batch=1)  # resume mid-epoch: the remaining batch only
+        loader.set_epoch(0, start_batch=1)  # resume mid-epoch: the remaining batch only
         assert torch.cat([y for _, y in loader]).tolist() == ids[3:].tolist()
     assert len(seen[0]) == len(seen[1]) == 6 and not seen[0] & seen[1]
 
 
 def test_dali_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--data-path"):
-        build_dali_loader(str(tmp_path / "missing"), 16, 2)
+        DaliSource(str(tmp_path / "missing"), 16)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if DALI were not installed
     with pytest.raises(ImportError, match="pip install nvidia-dali"):
-        build_dali_loader(str(tmp_path), 16, 2)
+        make_source(str(tmp_path), 16, dali=True)

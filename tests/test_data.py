@@ -1,5 +1,4 @@
-"""Data layer: ADM center crop, ImageFolder, deterministic resumable sharding, digits, VAE loading."""
-import argparse
+"""Data layer: ADM center crop, ImageFolder, deterministic resumable sharding, the sources, VAE loading."""
 import os
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eqm import data, vae as vae_lib
+from eqm import data, datasets, vae as vae_lib
 
 
 def _photo():
@@ -27,7 +26,7 @@ def test_center_crop_matches_direct_pil(size):
     else:  # 427 < 512: no BOX step; BICUBIC straight to short side 256
         w = round(640 * 256 / 427)  # 384
         ref = img.resize((w, 256), Image.BICUBIC).crop(((w - 256) // 2, 0, (w - 256) // 2 + 256, 256))
-    out = data.center_crop_arr(img, size)
+    out = datasets.center_crop_arr(img, size)
     assert out.size == (size, size)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
@@ -46,7 +45,7 @@ def _make_folder(root, sizes=((40, 30), (33, 50), (64, 64)), classes=("cat", "an
 
 def test_image_folder(tmp_path):
     root = _make_folder(tmp_path / "imgs")
-    ds = data.ImageFolder(str(root), 16)
+    ds = datasets.ImageFolder(str(root), 16)
     assert ds.classes == ["ant", "cat"]
     assert len(ds) == 6 and [lbl for _, lbl in ds.samples] == [0, 0, 0, 1, 1, 1]
     x, y = ds[(3, False)]
@@ -54,28 +53,28 @@ def test_image_folder(tmp_path):
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
     xf, _ = ds[(3, True)]
     torch.testing.assert_close(xf, x.flip(-1))
-    ref = np.asarray(data.center_crop_arr(Image.open(ds.samples[3][0]).convert("RGB"), 16)).astype(np.float32)
+    ref = np.asarray(datasets.center_crop_arr(Image.open(ds.samples[3][0]).convert("RGB"), 16)).astype(np.float32)
     torch.testing.assert_close(x, torch.from_numpy(ref / 127.5 - 1).permute(2, 0, 1))
 
 
 def test_missing_and_empty_data_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*--data-path"):
-        data.ImageFolder(str(tmp_path / "nope"), 8)
+        datasets.ImageFolder(str(tmp_path / "nope"), 8)
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no images found"):
-        data.ImageFolder(str(tmp_path / "empty"), 8)
+        datasets.ImageFolder(str(tmp_path / "empty"), 8)
 
 
 def test_sampler_disjoint_deterministic_resumable():
     n, bs, world = 103, 4, 3
-    samplers = [data.DistributedIndexSampler(n, bs, r, world, seed=7, flip=True) for r in range(world)]
+    samplers = [datasets.DistributedIndexSampler(n, bs, r, world, seed=7, flip=True) for r in range(world)]
     for s in samplers:
         s.set_epoch(2)
     shards = [s.indices()[0].tolist() for s in samplers]
     assert all(len(sh) == samplers[0].batches_per_epoch * bs == 32 for sh in shards)
     flat = sum(shards, [])
     assert len(set(flat)) == len(flat)  # disjoint across ranks
-    again = data.DistributedIndexSampler(n, bs, 1, world, seed=7, flip=True)
+    again = datasets.DistributedIndexSampler(n, bs, 1, world, seed=7, flip=True)
     again.set_epoch(2)
     assert again.indices()[0].tolist() == shards[1]
     again.set_epoch(3)
@@ -86,45 +85,66 @@ def test_sampler_disjoint_deterministic_resumable():
     assert idx.tolist() == full_idx[5 * bs:].tolist() and fl.tolist() == full_fl[5 * bs:].tolist()
     assert 0 < full_fl.float().mean() < 1
     with pytest.raises(ValueError, match="too few"):
-        data.DistributedIndexSampler(10, 8, 0, 2)
-
-
-def _args(**kw):
-    d = dict(data_path="digits", image_size=8, global_batch_size=64, num_workers=0, num_classes=10)
-    d.update(kw)
-    return argparse.Namespace(**d)
+        datasets.DistributedIndexSampler(10, 8, 0, 2)
 
 
 def test_digits_loader():
-    loader, sampler = data.build_loader(_args(), rank=0, world_size=1, seed=0)
-    assert (loader.channels, loader.image_size, loader.num_classes, loader.num_items) == (1, 8, 10, 1797)
-    sampler.set_epoch(0)
+    source = data.make_source("digits")
+    assert isinstance(source, datasets.DataSource) and not source.latent and source.vae_factor == 1
+    assert (source.shape, source.image_size, source.num_classes, source.num_items) == ((1, 8, 8), 8, 10, 1797)
+    loader = source.loader(64, rank=0, world_size=1, seed=0)
+    loader.set_epoch(0)
     batches = list(loader)
-    assert len(batches) == sampler.batches_per_epoch == 1797 // 64
+    assert len(batches) == len(loader) == loader.batches_per_epoch == 1797 // 64
     x, y = batches[0]
     assert x.shape == (64, 1, 8, 8) and y.shape == (64,) and y.dtype == torch.int64
     assert x.min() == -1 and x.max() == 1 and set(y.tolist()) <= set(range(10))
-    loader2, sampler2 = data.build_loader(_args(), rank=0, world_size=1, seed=0)
-    sampler2.set_epoch(0, start_batch=3)
+    loader2 = data.make_source("digits", 8).loader(64, rank=0, world_size=1, seed=0)
+    loader2.set_epoch(0, start_batch=3)
     torch.testing.assert_close(next(iter(loader2))[0], batches[3][0])
-    up, _ = data.build_loader(_args(image_size=16), 0, 1, 0)
-    assert next(iter(up))[0].shape == (64, 1, 16, 16)
-    with pytest.raises(ValueError, match="not divisible by the world size"):
-        data.build_loader(_args(global_batch_size=63), rank=0, world_size=2, seed=0)
+    other = data.make_source("digits").loader(64, rank=0, world_size=1, seed=1)
+    other.set_epoch(0)
+    assert not torch.equal(next(iter(other))[0], batches[0][0])  # the seed fixes the order
+    up = data.make_source("digits", 16)
+    assert up.shape == (1, 16, 16) and next(iter(up.loader(64)))[0].shape == (64, 1, 16, 16)
+    halves = [data.make_source("digits").loader(32, rank=r, world_size=2, seed=0) for r in range(2)]
+    for h in halves:
+        h.set_epoch(0)
+    assert halves[0].batches_per_epoch == 1797 // 2 // 32
+    assert not set(map(tuple, next(iter(halves[0]))[0].flatten(1).tolist())) & set(
+        map(tuple, next(iter(halves[1]))[0].flatten(1).tolist()))  # the ranks' shares are disjoint
 
 
 def test_folder_loader_order_is_reproducible(tmp_path):
     root = _make_folder(tmp_path / "imgs")
-    args = _args(data_path=str(root), image_size=16, global_batch_size=2, num_workers=0, num_classes=1000)
+    source = data.make_source(str(root), 16, num_classes=1000, num_workers=0)
+    assert type(source) is datasets.ImageFolderSource and (source.shape, source.num_classes) == ((3, 16, 16), 1000)
+    assert data.make_source(str(root), 16).num_classes == 2  # default: the class folders
     runs = []
     for _ in range(2):
-        loader, sampler = data.build_loader(args, 0, 1, seed=3)
-        sampler.set_epoch(1)
+        loader = source.loader(2, 0, 1, seed=3)
+        loader.set_epoch(1)
         runs.append(torch.cat([x for x, _ in loader]))
     assert runs[0].shape == (6, 3, 16, 16)
     torch.testing.assert_close(runs[0], runs[1])
+    ds = datasets.ImageFolder(str(root), 16)
+    sampler = datasets.DistributedIndexSampler(len(ds), 2, seed=3, flip=True)
+    sampler.set_epoch(1)
+    torch.testing.assert_close(runs[0], torch.stack([ds[(i, f)][0] for i, f in sampler]))  # order and flips
     with pytest.raises(ValueError, match="raise --num-classes"):
-        data.build_loader(_args(data_path=str(root), image_size=16, global_batch_size=2, num_classes=1), 0, 1, 0)
+        data.make_source(str(root), 16, num_classes=1)
+    with pytest.raises(ValueError, match="--image-size"):
+        data.make_source(str(root))
+
+
+def test_uneven_global_batch_is_one_line(monkeypatch, capsys):
+    """--global-batch-size must split evenly over the processes (checked when the flags are parsed)."""
+    from eqm import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        train.main(["--data-path", "digits", "--global-batch-size", "63", "--device", "cpu"])
+    assert "--global-batch-size 63 is not divisible by the 2 processes" in capsys.readouterr().err
 
 
 def test_vae_missing_weights_message():

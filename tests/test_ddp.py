@@ -25,19 +25,25 @@ def _worker(rank, world, port, out):
     from eqm import data, train
 
     seen, model_ref = [], {}
-    build = data.build_loader
+    make = data.make_source
 
-    def recording_build_loader(*a, **k):
-        loader, sampler = build(*a, **k)
-        inner = type(loader).__iter__
+    def recording_make_source(*a, **k):
+        source = make(*a, **k)
+        make_loader = source.loader
 
-        class Recording(type(loader)):
-            def __iter__(self):
-                for x, y in inner(self):
-                    seen.append(x.clone())
-                    yield x, y
-        loader.__class__ = Recording
-        return loader, sampler
+        def loader(*a, **k):
+            loader = make_loader(*a, **k)
+            inner = type(loader).__iter__
+
+            class Recording(type(loader)):
+                def __iter__(self):
+                    for x, y in inner(self):
+                        seen.append(x.clone())
+                        yield x, y
+            loader.__class__ = Recording
+            return loader
+        source.loader = loader
+        return source
 
     train_step = train.TrainStep
 
@@ -45,7 +51,7 @@ def _worker(rank, world, port, out):
         model_ref["model"] = model
         return train_step(model, *a, **k)
 
-    data.build_loader = recording_build_loader
+    data.make_source = recording_make_source
     train.TrainStep = recording_train_step
     summary = train.main(ARGS + ["--results-dir", os.path.join(out, "res")])
     torch.save({"seen": torch.cat(seen), "params": {k: v.detach().clone() for k, v in

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from eqm import digits_eval
-from eqm.data import load_digits_tensor
+from eqm.datasets import load_digits_tensor
 from eqm.utils import to_uint8
 
 

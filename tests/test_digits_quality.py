@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from eqm import digits_quality
-from eqm.data import load_digits_tensor
+from eqm.datasets import load_digits_tensor
 
 
 def test_frechet_distance_of_gaussians():

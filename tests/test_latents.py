@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from eqm.data import ImageFolder
+from eqm.data import make_source
+from eqm.datasets import ImageFolder
 from eqm.extract_latents import extract_latents, main, write_manifest
-from eqm.latents import LatentDataset, build_latent_loader, is_latent_dir, read_manifest, shard_name
+from eqm.latents import LatentDataset, LatentSource, is_latent_dir, read_manifest, shard_name
 from eqm.vae import LATENT_SCALE
 
 IMAGE_SIZE = 16
@@ -130,32 +131,36 @@ def test_cli_with_local_vae_folder(folder, vae, tmp_path):
 def test_loader_shards_per_rank_deterministic(extracted):
     seen = []
     for rank in range(2):
-        loader, sampler = build_latent_loader(extracted, batch_size=2, rank=rank, world_size=2, seed=3)
-        assert len(loader) == 2 and loader.latents and loader.channels == 4 and loader.image_size == IMAGE_SIZE
-        sampler.set_epoch(0)
-        idx, flip = sampler.indices()
+        source = make_source(extracted)
+        assert type(source) is LatentSource and source.latent and source.shape == (4, 4, 4)
+        assert source.image_size == IMAGE_SIZE and source.vae_factor == 4 and source.num_classes == 2
+        loader = source.loader(2, rank=rank, world_size=2, seed=3)
+        assert len(loader) == 2
+        loader.set_epoch(0)
+        idx, flip = loader.sampler.indices()
         seen.append(set(idx.tolist()))
         batches = list(loader)
         want = LatentDataset(extracted).gather(idx.numpy(), flip.numpy())
         assert torch.equal(torch.cat([x for x, _ in batches]), want[0])
         assert torch.equal(torch.cat([y for _, y in batches]), want[1])
-        sampler.set_epoch(0)
+        loader.set_epoch(0)
         assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, loader))  # same seed + epoch, same batches
     assert not seen[0] & seen[1] and len(seen[0]) == len(seen[1]) == 5 - 1  # per-rank 5, 2 batches of 2
     with pytest.raises(ValueError, match="--image-size"):
-        build_latent_loader(extracted, batch_size=2, image_size=32)
+        make_source(extracted, 32)
     with pytest.raises(FileNotFoundError, match="extract_latents"):
-        build_latent_loader(os.path.dirname(extracted), batch_size=2)
+        LatentSource(os.path.dirname(extracted))
 
 
 def test_latent_path_trains(extracted):
     from eqm.models import EqM
     from eqm.objective import eqm_training_losses
 
-    loader, sampler = build_latent_loader(extracted, batch_size=4, seed=0)
+    source = LatentSource(extracted)
+    loader = source.loader(4, seed=0)
     torch.manual_seed(0)
-    model = EqM(input_size=loader.latent_size, patch_size=2, in_channels=loader.channels, hidden_size=32, depth=2,
-                num_heads=2, num_classes=loader.num_classes)
+    model = EqM(input_size=source.shape[-1], patch_size=2, in_channels=source.channels, hidden_size=32, depth=2,
+                num_heads=2, num_classes=source.num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x_eval, y_eval = LatentDataset(extracted).gather(np.arange(8))
     noise, t = torch.randn_like(x_eval), torch.rand(8)
@@ -166,7 +171,7 @@ def test_latent_path_trains(extracted):
 
     before, params = eval_loss(), [p.detach().clone() for p in model.parameters()]
     for epoch in range(8):
-        sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)
         for x, y in loader:
             loss = eqm_training_losses(model, x, dict(y=y))["loss"].mean()
             assert torch.isfinite(loss)

@@ -68,20 +68,26 @@ def test_nonfinite_loss_stops_training_before_any_checkpoint(tmp_path, capsys):
 
 def _nan_batches(monkeypatch, bad_steps):
     """Make the digits loader yield NaN images at the given (1-based) steps."""
-    build, seen = data.build_loader, [0]
+    make, seen = data.make_source, [0]
 
     def patched(*a, **k):
-        loader, sampler = build(*a, **k)
-        inner = type(loader).__iter__
+        source = make(*a, **k)
+        make_loader = source.loader
 
-        class Poisoned(type(loader)):
-            def __iter__(self):
-                for x, y in inner(self):
-                    seen[0] += 1
-                    yield (torch.full_like(x, float("nan")) if seen[0] in bad_steps else x), y
-        loader.__class__ = Poisoned
-        return loader, sampler
-    monkeypatch.setattr(data, "build_loader", patched)
+        def loader(*a, **k):
+            loader = make_loader(*a, **k)
+            inner = type(loader).__iter__
+
+            class Poisoned(type(loader)):
+                def __iter__(self):
+                    for x, y in inner(self):
+                        seen[0] += 1
+                        yield (torch.full_like(x, float("nan")) if seen[0] in bad_steps else x), y
+            loader.__class__ = Poisoned
+            return loader
+        source.loader = loader
+        return source
+    monkeypatch.setattr(data, "make_source", patched)
 
 
 def test_nonfinite_skip_mode_skips_bounded_times(tmp_path, monkeypatch, capsys):

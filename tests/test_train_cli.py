@@ -144,8 +144,8 @@ def test_dali_flag_matches_the_pil_loader(tmp_path, monkeypatch):
 
     images = make_image_folder(tmp_path / "imgs", per_class=4)
     calls = []
-    build = dali.build_dali_loader
-    monkeypatch.setattr(dali, "build_dali_loader", lambda *a, **k: calls.append(a) or build(*a, **k))
+    build = dali.DaliSource.loader
+    monkeypatch.setattr(dali.DaliSource, "loader", lambda *a, **k: calls.append(a) or build(*a, **k))
     common = ["--data-path", images, "--vae", "none", "--image-size", "16", "--model", "EqM-Ti/4", "--num-classes",
               "2", "--global-batch-size", "4", "--max-steps", "1", "--log-every", "1", "--sample-every", "0",
               "--num-workers", "0"]

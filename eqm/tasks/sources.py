@@ -9,7 +9,7 @@ SOURCES = ("digits", "photo-patches", "noisy-digits", "shuffled-digits", "invert
 
 def digits(image_size=8):
     """scikit-learn's digits (1797, 1, S, S) and their labels."""
-    from eqm.data import load_digits_tensor
+    from eqm.datasets import load_digits_tensor
 
     return load_digits_tensor(image_size)
 
