@@ -8,14 +8,13 @@ import argparse
 import glob
 import os
 import pickle
-import re
-import tempfile
 import warnings
 import zipfile
 
 import torch
 
 from eqm.models import config_name
+from eqm.utils import atomic_write, remove_stale_temps
 
 SAFE_GLOBALS = [argparse.Namespace]
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
@@ -45,57 +44,19 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """The checkpoint path does not exist."""
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but belongs to someone else
-        return True
-    return True
-
-
-def remove_stale_temps(folder):
-    """Delete the temp files (.tmp-<pid>-*.pt) that killed writers left in `folder`; returns their paths.
-
-    A temp file whose writer is still running on this machine is kept, so two processes may save into
-    one folder; names without a pid (older versions) are always stale.
-    """
-    removed = []
-    for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp-*.pt")):
-        m = re.match(r"\.tmp-(\d+)-", os.path.basename(tmp))
-        if m and (int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1)))):
-            continue
-        try:
-            os.unlink(tmp)
-            removed.append(tmp)
-        except FileNotFoundError:
-            pass
-    return removed
-
-
 def save_checkpoint(path, state):
-    """Write `state` (a dict) to `path` atomically: a temp file in the same folder, then os.replace.
+    """Write `state` (a dict) to `path` atomically (eqm.utils.atomic_write).
 
-    Temp files of earlier writes that were killed midway are removed first (see remove_stale_temps).
+    Temp files of earlier writes that were killed midway are removed first (eqm.utils.remove_stale_temps).
     """
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     _check_loadable(state)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    remove_stale_temps(folder)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    remove_stale_temps(folder, suffix=".pt")
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def checkpoint_kind(ckpt):

@@ -4,13 +4,13 @@
         --out /data/imagenet256_latents --flip-both
     torchrun --nproc_per_node=8 -m eqm.extract_latents ...     # each rank encodes shards k % world == rank
 
-Images get the ADM center crop (eqm.data); latents are one posterior sample times 0.18215, as the
+Images get the ADM center crop (eqm.datasets.ImageFolder); latents are one posterior sample times 0.18215, as the
 reference training draws per step (fast-DiT stores one sample too). A shard's files are written to a
 temporary name and renamed, and shard_XXXXX.json is written last, so an interrupted run resumes by
 skipping finished shards. The manifest (latents.json) appears only when every shard is done.
 """
 import argparse
-import glob
+import contextlib
 import hashlib
 import json
 import os
@@ -19,36 +19,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from eqm import vae as vae_lib
+from eqm.datasets import ImageFolder
 from eqm.latents import FORMAT, MANIFEST, shard_name
+from eqm.utils import atomic_path, atomic_write, remove_stale_temps
 
 
-def _atomic_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+def _write_json(path, obj):
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-def _open_npy(path, dtype, shape):
-    """A writable memory-mapped .npy at a temporary name; returns (array, tmp_path)."""
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape), tmp
-
-
-def _commit_npy(arr, tmp, path):
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
-
-
-def remove_stale_temps(out, shards):
-    """Delete the temp files that a killed run left for these shards (only this rank writes them)."""
-    for k in shards:
-        for kind in ("latents", "flip", "labels", "shard"):
-            for tmp in glob.glob(glob.escape(os.path.join(out, shard_name(kind, k))) + ".tmp*"):
-                os.remove(tmp)
+KINDS = ("latents", "flip", "labels", "shard")  # the files of one shard
 
 
 def _list_digest(samples, root):
@@ -56,6 +38,46 @@ def _list_digest(samples, root):
     for p, label in samples:
         h.update(f"{os.path.relpath(p, root)}\t{label}\n".encode())
     return h.hexdigest()
+
+
+def _shards_to_do(out, mine, config):
+    """The shards of `mine` not finished yet; a clear error when finished ones were made with other settings."""
+    todo = []
+    for k in mine:
+        done = os.path.join(out, shard_name("shard", k))
+        if not os.path.isfile(done):
+            todo.append(k)
+            continue
+        with open(done) as f:
+            prev = json.load(f)["config"]
+        if prev != config:
+            diff = sorted(key for key in config if prev.get(key) != config[key])
+            raise ValueError(f"{out!r} holds shards extracted with other settings ({', '.join(diff)} differ); "
+                             "use a new --out folder or delete that one")
+    return todo
+
+
+def _encode_shard(batches, encode_views, out, k, n, dtype, bar):
+    """Encode shard k's n images into latents_k (and flip_k when encode_views returns two views), written
+    in place at temp names and renamed at the end; returns (labels, latent_shape)."""
+    labels = np.empty(n, dtype=np.int64)
+    with contextlib.ExitStack() as stack:
+        arrays, pos = None, 0
+        for x, y in batches:
+            zs = encode_views(x)
+            if arrays is None:  # the latent shape is known at the first batch
+                arrays = [np.lib.format.open_memmap(
+                    stack.enter_context(atomic_path(os.path.join(out, shard_name(kind, k)))), mode="w+",
+                    dtype=dtype, shape=(n, *zs[0].shape[1:])) for kind in ("latents", "flip")[:len(zs)]]
+            for arr, z in zip(arrays, zs):
+                arr[pos:pos + len(z)] = z
+            labels[pos:pos + len(y)] = y.numpy()
+            pos += len(y)
+            bar.update(len(y))
+        for arr in arrays:
+            arr.flush()  # written back before atomic_path renames the file
+        del arr, arrays
+    return labels, list(zs[0].shape[1:])
 
 
 @torch.no_grad()
@@ -67,65 +89,34 @@ def extract_latents(data_path, out, vae, vae_name, image_size=256, flip_both=Fal
     `vae` is a diffusers AutoencoderKL (or anything `encode(vae, x)` accepts), `vae_name` is recorded in
     the manifest. Shard k holds images [k * shard_size, (k + 1) * shard_size) of the sorted file list.
     """
-    from eqm.datasets import ImageFolder
-    from eqm.vae import LATENT_SCALE
-    from eqm.vae import encode as vae_encode
+    encode = encode or vae_lib.encode
 
-    encode = encode or vae_encode
+    def encode_views(x):
+        x = x.to(device, non_blocking=True)
+        return [encode(vae, v).float().cpu().numpy() for v in ([x, x.flip(-1)] if flip_both else [x])]
+
     dataset = ImageFolder(data_path, image_size)
     n = len(dataset)
-    num_shards = (n + shard_size - 1) // shard_size
     os.makedirs(out, exist_ok=True)
-    config = dict(format=FORMAT, image_size=image_size, vae=vae_name, scale_factor=LATENT_SCALE, dtype=dtype,
-                  flip_both=flip_both, shard_size=shard_size, seed=seed, count=n, classes=dataset.classes,
-                  files_sha1=_list_digest(dataset.samples, data_path))
-    mine = [k for k in range(num_shards) if k % world_size == rank]
-    remove_stale_temps(out, mine)
-    todo = []
-    for k in mine:
-        done = os.path.join(out, shard_name("shard", k))
-        if os.path.isfile(done):
-            with open(done) as f:
-                prev = json.load(f)["config"]
-            if prev != config:
-                diff = sorted(key for key in config if prev.get(key) != config[key])
-                raise ValueError(f"{out!r} holds shards extracted with other settings ({', '.join(diff)} differ); "
-                                 "use a new --out folder or delete that one")
-        else:
-            todo.append(k)
-    total = sum(min(shard_size, n - k * shard_size) for k in todo)
-    bar = tqdm(total=total, desc=f"encode rank {rank}", unit="img", disable=rank != 0 or total == 0)
-    latent_shape = None
+    config = dict(format=FORMAT, image_size=image_size, vae=vae_name, scale_factor=vae_lib.LATENT_SCALE,
+                  dtype=dtype, flip_both=flip_both, shard_size=shard_size, seed=seed, count=n,
+                  classes=dataset.classes, files_sha1=_list_digest(dataset.samples, data_path))
+    mine = range(rank, (n + shard_size - 1) // shard_size, world_size)
+    remove_stale_temps(out, [shard_name(kind, k) for k in mine for kind in KINDS])  # only this rank writes them
+    todo = _shards_to_do(out, mine, config)
+    bar = tqdm(total=sum(min(shard_size, n - k * shard_size) for k in todo), desc=f"encode rank {rank}",
+               unit="img", disable=rank != 0 or not todo)
     for k in todo:
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
                                              num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
         batches = iter(loader)  # creating the iterator draws from the global RNG: seed after it
         torch.manual_seed(seed * 100003 + k)  # posterior samples depend only on (seed, shard): resumable
-        arrays, pos = None, 0
-        labels = np.empty(hi - lo, dtype=np.int64)
-        for x, y in batches:
-            x = x.to(device, non_blocking=True)
-            views = [x, x.flip(-1)] if flip_both else [x]
-            zs = [encode(vae, v).float().cpu().numpy() for v in views]
-            if arrays is None:
-                latent_shape = list(zs[0].shape[1:])
-                kinds = ["latents", "flip"][:len(zs)]
-                arrays = [(kind, *_open_npy(os.path.join(out, shard_name(kind, k)), dtype, (hi - lo, *latent_shape)))
-                          for kind in kinds]
-            for (_, arr, _), z in zip(arrays, zs):
-                arr[pos:pos + len(z)] = z
-            labels[pos:pos + len(y)] = y.numpy()
-            pos += len(y)
-            bar.update(len(y))
-        for kind, arr, tmp in arrays:
-            _commit_npy(arr, tmp, os.path.join(out, shard_name(kind, k)))
-        label_path = os.path.join(out, shard_name("labels", k))
-        with open(f"{label_path}.tmp{os.getpid()}.npy", "wb") as f:
+        labels, latent_shape = _encode_shard(batches, encode_views, out, k, hi - lo, dtype, bar)
+        with atomic_write(os.path.join(out, shard_name("labels", k))) as f:
             np.save(f, labels)
-        os.replace(f"{label_path}.tmp{os.getpid()}.npy", label_path)
-        _atomic_json(os.path.join(out, shard_name("shard", k)),
-                     dict(index=k, count=hi - lo, latent_shape=latent_shape, config=config))
+        _write_json(os.path.join(out, shard_name("shard", k)),  # last: marks the shard finished
+                    dict(index=k, count=hi - lo, latent_shape=latent_shape, config=config))
     bar.close()
     return todo
 
@@ -145,7 +136,7 @@ def write_manifest(out):
         return None
     manifest = dict(config, latent_shape=shards[0]["latent_shape"], num_classes=len(config["classes"]),
                     shards=[dict(index=s["index"], count=s["count"]) for s in sorted(shards, key=lambda s: s["index"])])
-    _atomic_json(os.path.join(out, MANIFEST), manifest)
+    _write_json(os.path.join(out, MANIFEST), manifest)
     return manifest
 
 

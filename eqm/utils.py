@@ -1,8 +1,11 @@
-"""Small helpers shared by the CLIs: image conversion, grids, logging, EMA."""
+"""Small helpers shared by the CLIs: image conversion, grids, logging, run folders, atomic file writes."""
+import contextlib
+import glob
 import logging
 import math
 import os
 import re
+import tempfile
 
 import numpy as np
 import torch
@@ -99,3 +102,68 @@ def find_outputs(folder, pattern=r"\d{6}\.png|grid\.png"):
     if not os.path.isdir(folder):
         return []
     return sorted(f for f in os.listdir(folder) if re.fullmatch(pattern, f))
+
+
+TEMP_PREFIX = ".tmp-"  # temp files of atomic writes: .tmp-<pid>-<random>-<final name>, beside the final file
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path` to write; when the block ends it is fsynced and renamed onto `path`.
+
+    Readers see the old file or the new one, never half of one. On an error the temp file is removed;
+    one left by a killed process is removed later by remove_stale_temps.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=f"-{name}")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """open() for writing that replaces `path` atomically (see atomic_path) when the block ends."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder, names=None, suffix=""):
+    """Delete the temp files that killed atomic writes left in `folder`; returns their paths.
+
+    names: the final file names whose temps to delete, all of them (the caller is their only writer).
+    Otherwise every temp ending in `suffix` whose writer is no longer running on this machine: a temp
+    of a live writer is kept, so two processes may write into one folder.
+    """
+    pattern = os.path.join(glob.escape(folder), TEMP_PREFIX)
+    if names is not None:
+        temps = [t for n in names for t in glob.glob(f"{pattern}*-{glob.escape(n)}")]
+    else:
+        temps = glob.glob(f"{pattern}*{glob.escape(suffix)}")
+    removed = []
+    for tmp in temps:
+        m = re.match(rf"{re.escape(TEMP_PREFIX)}(\d+)-", os.path.basename(tmp))
+        if names is None and m and (int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1)))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+            removed.append(tmp)
+    return removed

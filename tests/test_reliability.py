@@ -243,13 +243,31 @@ def test_stale_latent_shard_temps_cleaned_on_next_run(tmp_path):
 
     out = tmp_path / "lat"
     out.mkdir()
-    stale = [out / "latents_00000.npy.tmp4242.npy", out / "labels_00001.npy.tmp4242.npy", out / "shard_00000.json.tmp7"]
+    # temps of this rank's shards go even when their pid is alive (a reused pid; only this rank writes them)
+    stale = [out / ".tmp-4242-ab_1-latents_00000.npy", out / f".tmp-{os.getppid()}-x-labels_00001.npy",
+             out / ".tmp-7-q-shard_00000.json"]
     for f in stale:
         f.write_bytes(b"x" * 100)
-    keep = out / "latents_00002.npy.tmp4242.npy"  # another rank's shard
-    keep.write_bytes(b"x")
-    extract_latents.remove_stale_temps(str(out), [0, 1])
-    assert sorted(os.listdir(out)) == [keep.name]
+    keep = [out / ".tmp-4242-ab_1-latents_00002.npy", out / "latents_00001.npy"]  # another rank's; a finished file
+    for f in keep:
+        f.write_bytes(b"x")
+    removed = utils.remove_stale_temps(str(out), [extract_latents.shard_name(kind, k) for k in (0, 1)
+                                                  for kind in extract_latents.KINDS])
+    assert sorted(removed) == sorted(map(str, stale)) and sorted(os.listdir(out)) == sorted(f.name for f in keep)
+
+
+def test_killed_atomic_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "shard_00000.json"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with utils.atomic_write(path, "w") as f:
+            f.write("half of the new")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == [path.name] and path.read_text() == "old"
+    with utils.atomic_write(path, "w") as f:
+        f.write("new")
+        assert path.read_text() == "old" and os.path.basename(f.name).startswith(f".tmp-{os.getpid()}-")
+    assert os.listdir(tmp_path) == [path.name] and path.read_text() == "new"
 
 
 # ------------------------------------------------------------------------------------------- output folders
