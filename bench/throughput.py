@@ -11,7 +11,7 @@ fast: eqm.fast.TrainStep (torch.compile fullgraph, bf16 autocast over fp32 weigh
     fp32 (avx512_bf16 / AMX CPUs; never on AVX2-only ones), kernels off (they would run the Triton interpreter),
     and compile only with --compile on: a cold CPU compile takes minutes and gains ~1.1x, so it does not pay
     within a benchmark (the compile cache makes a repeated --compile run start in seconds).
-Inputs are random latents of the model's input size (image_size / 8): the VAE is not run.
+Inputs are random latents of the model's input size (image_size / eqm.vae.FACTOR): the VAE is not run.
 Both training and sampling report the median over their timed runs; "setup s" is each path's build time
 (compilation included) and is not part of the throughput.
 
@@ -30,7 +30,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from eqm import validate as V
+from eqm import validate as V, vae as vae_lib
 from eqm.distributed import resolve_device
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
                       set_precision, train_flops_per_image)
@@ -285,13 +285,15 @@ def resolve(args):
     args.sample_steps = args.sample_steps or (250 if gpu else 30)
     args.train_iters = args.train_iters or (20 if gpu else 4)
     args.rounds = args.rounds or (1 if gpu else 3)
-    if args.image_size % 8:
-        raise SystemExit(f"--image-size must be a multiple of 8 (the VAE factor), got {args.image_size}")
+    try:
+        latent = vae_lib.latent_size(args.image_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.sample_steps < 2:
         raise SystemExit("--sample-steps must be >= 2 (steps - 1 updates)")
     patch = int(args.model.split("/")[-1])
-    if (args.image_size // 8) % patch:
-        raise SystemExit(f"--image-size {args.image_size} gives {args.image_size // 8}x{args.image_size // 8} latents, "
+    if latent % patch:
+        raise SystemExit(f"--image-size {args.image_size} gives {latent}x{latent} latents, "
                          f"not divisible by the patch size {patch} of {args.model}")
     return device
 
@@ -304,7 +306,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gpu = device.type == "cuda"
 
-    latent = args.image_size // 8
+    latent = vae_lib.latent_size(args.image_size)
     model = EqM_models[args.model](input_size=latent, num_classes=1000).to(device)
     threads = runtime.configure_threads(model, args.batch_size, args.threads, device)
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({threads} of {os.cpu_count()} threads)"

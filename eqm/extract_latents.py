@@ -162,8 +162,10 @@ def get_args(argv=None):
     V.apply_types(p, dict(image_size=V.positive_int, batch_size=V.positive_int, shard_size=V.positive_int,
                           seed=V.seed, num_workers=V.nonneg_int))
     args = p.parse_args(argv)
-    if args.image_size % 8:
-        p.error(f"--image-size {args.image_size} must be divisible by 8 (the VAE downsamples by 8)")
+    try:
+        vae_lib.latent_size(args.image_size)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -177,10 +179,9 @@ def main(argv=None):
 
 def _run(args, info):
     from eqm import distributed
-    from eqm.vae import load_vae
 
     try:
-        vae = load_vae(args.vae, info.device)
+        vae = vae_lib.load_vae(args.vae, info.device)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
     extract_latents(args.data_path, args.out, vae, args.vae, image_size=args.image_size, flip_both=args.flip_both,

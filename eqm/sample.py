@@ -127,9 +127,10 @@ def resolve_args(args, parser, ckpt_args):
         if getattr(args, "in_channels", None) is None:
             args.in_channels = 1 if digits else 3
     else:
-        if args.image_size % 8:
-            parser.error(f"--image-size {args.image_size} must be divisible by 8 for the VAE decoder")
-        args.input_size, args.in_channels = args.image_size // 8, 4
+        try:
+            args.input_size, args.in_channels = vae_lib.latent_size(args.image_size), vae_lib.CHANNELS
+        except ValueError as e:
+            parser.error(str(e))
     if args.input_size % patch:
         parser.error(f"{args.model} has patch size {patch}, but its input is {args.input_size}x{args.input_size} "
                      f"(--image-size {args.image_size}): pick an image size whose model input divides by {patch}")

@@ -23,7 +23,7 @@ from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, NonFiniteGuard,
 from eqm.models import EqM_models
 from eqm.objective import CT_SHAPES
 from eqm.fast import EMA, TrainStep, make_optimizer
-from eqm.latents import is_latent_dir, read_manifest
+from eqm.latents import is_latent_dir, read_manifest, vae_factor
 from eqm.utils import claim_run_dir, create_logger, format_config, save_image_grid
 
 EBM_CHOICES = ["none", "l2", "dot", "mean"]
@@ -170,10 +170,12 @@ def resolve_args(args, parser):
     """Fill unset options from the published or the digits defaults and validate them."""
     if args.fresh_optimizer and not args.ckpt:
         parser.error("--fresh-optimizer goes with --ckpt (it starts a new AdamW for the checkpoint's weights)")
-    if is_latent_dir(args.data_path):  # the extraction's VAE and image size, unless set
+    factor = vae_lib.FACTOR
+    if is_latent_dir(args.data_path):  # the extraction's VAE, image size and downsampling, unless set
         manifest = read_manifest(args.data_path)
         args.vae = manifest["vae"] if args.vae is None else args.vae
         args.image_size = manifest["image_size"] if args.image_size is None else args.image_size
+        factor = vae_factor(manifest)
     digits_defaults = DIGITS_DEFAULTS
     if args.epochs is not None:  # an explicit --epochs wins over the digits step budget
         digits_defaults = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "max_steps"}
@@ -182,13 +184,13 @@ def resolve_args(args, parser):
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
     else:
-        if args.image_size % 8:
-            parser.error(f"--image-size {args.image_size} must be divisible by 8 for the VAE encoder "
-                         "(or use --vae none for pixel space)")
-        input_size = args.image_size // 8
+        try:
+            input_size = vae_lib.latent_size(args.image_size, factor)
+        except ValueError as e:
+            parser.error(f"{e}; or use --vae none for pixel space")
     if input_size % patch:
         parser.error(f"{args.model} has patch size {patch}, but its input is {input_size}x{input_size} "
-                     f"(--image-size {args.image_size}{'' if args.vae == 'none' else ' / 8'}): pick an image "
+                     f"(--image-size {args.image_size}{'' if args.vae == 'none' else f' / {factor}'}): pick an image "
                      f"size whose model input is divisible by {patch}")
     for name in ("global_batch_size", "epochs", "log_every", "ckpt_every", "num_classes"):
         if getattr(args, name) <= 0:
@@ -328,7 +330,7 @@ def train(args, dist_info):
     if pixel or source.latent:
         args.in_channels = source.channels
     else:
-        args.in_channels = 4
+        args.in_channels = vae_lib.CHANNELS
     vae = None
     if not pixel:
         try:

@@ -4,12 +4,21 @@ import os
 import torch
 
 LATENT_SCALE = 0.18215  # sd-vae-ft-* latents are scaled by this before the model sees them
+FACTOR = 8  # sd-vae-ft-* latents have 1/8 of the image's side (a latent folder's manifest records its own)
+CHANNELS = 4  # and 4 channels
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
 def is_pixel_space(vae):
     """True when --vae says to train/sample directly on pixels."""
     return vae in (None, "none")
+
+
+def latent_size(image_size, factor=FACTOR):
+    """Side of the latents of an image_size-pixel image; a one-line ValueError when factor does not divide it."""
+    if image_size % factor:
+        raise ValueError(f"--image-size {image_size} must be divisible by {factor} (the VAE downsamples by {factor})")
+    return image_size // factor
 
 
 def load_vae(spec, device="cpu"):
@@ -40,7 +49,7 @@ def load_vae(spec, device="cpu"):
 
 @torch.no_grad()
 def encode(vae, x):
-    """Images in [-1, 1] (N, 3, H, W) -> scaled latents (N, 4, H/8, W/8), sampled from the posterior."""
+    """Images in [-1, 1] (N, 3, H, W) -> scaled latents (N, 4, H/8, W/8) for sd-vae-ft-*, posterior samples."""
     return vae.encode(x).latent_dist.sample().mul_(LATENT_SCALE)
 
 

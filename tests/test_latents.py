@@ -180,3 +180,16 @@ def test_latent_path_trains(extracted):
             opt.step()
     assert any(not torch.equal(p, q) for p, q in zip(params, model.parameters()))
     assert eval_loss() < before
+
+
+def test_trainer_takes_the_latent_geometry_from_the_manifest(extracted, tmp_path):
+    """Latents of a VAE that downsamples by 4, not the sd-vae-ft-* 8: the model's input is the manifest's 4x4."""
+    from eqm import train
+    from eqm.checkpoint import load_checkpoint
+
+    s = train.main(["--data-path", extracted, "--model", "EqM-Ti/2", "--global-batch-size", "4", "--max-steps", "2",
+                    "--log-every", "1", "--sample-every", "0", "--num-workers", "0", "--device", "cpu",
+                    "--results-dir", str(tmp_path)])
+    ck = load_checkpoint(s["checkpoint"])
+    assert s["steps"] == 2 and ck["args"].image_size == IMAGE_SIZE and ck["args"].vae == "tiny"
+    assert ck["args"].input_size == 4 and ck["model"]["pos_embed"].shape[1] == (4 // 2) ** 2
