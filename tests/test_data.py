@@ -1,5 +1,6 @@
 """Data layer: ADM center crop, ImageFolder, deterministic resumable sharding, the sources, VAE loading."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -135,6 +136,17 @@ def test_folder_loader_order_is_reproducible(tmp_path):
         data.make_source(str(root), 16, num_classes=1)
     with pytest.raises(ValueError, match="--image-size"):
         data.make_source(str(root))
+
+
+def test_missing_dali_is_one_line(tmp_path, monkeypatch):
+    from eqm import train
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if DALI were not installed
+    root = _make_folder(tmp_path / "imgs")
+    with pytest.raises(SystemExit, match="NVIDIA DALI is not installed.*drop --dali"):
+        train.main(["--data-path", str(root), "--vae", "none", "--image-size", "16", "--model", "EqM-Ti/4", "--dali",
+                    "--num-classes", "2", "--device", "cpu", "--results-dir", str(tmp_path / "res")])
+    assert not (tmp_path / "res").exists()
 
 
 def test_uneven_global_batch_is_one_line(monkeypatch, capsys):
