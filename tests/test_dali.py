@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from eqm.datasets import DistributedIndexSampler, FolderLoader, ImageFolder
+from test_data import assert_source_contract
 from test_latents import make_image_folder
 
 pytest.importorskip("nvidia.dali")
@@ -65,8 +66,10 @@ def test_dali_shards_are_disjoint_across_ranks(folder):
     seen = []
     for rank in range(2):
         source = make_source(folder, 16, dali=True, flip=False)
-        source.num_threads, source.dataset.samples = 1, samples
+        source.num_threads = 1
         assert type(source) is DaliSource and source.shape == (3, 16, 16) and source.num_classes == 2
+        assert_source_contract(source, 3)
+        source.dataset.samples = samples
         loader = source.loader(3, rank=rank, world_size=2, seed=5)
         loader.set_epoch(0)
         ids = torch.cat([y for _, y in loader])

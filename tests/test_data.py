@@ -89,9 +89,23 @@ def test_sampler_disjoint_deterministic_resumable():
         datasets.DistributedIndexSampler(10, 8, 0, 2)
 
 
+def assert_source_contract(source, batch_size=2, world_size=2):
+    """What the trainer relies on, for any DataSource: the loaders' batches match the declared attributes."""
+    assert isinstance(source, datasets.DataSource) and source.channels == source.shape[0]
+    assert source.vae_factor == source.image_size // source.shape[-1] and source.latent == (source.vae_factor > 1)
+    for rank in range(world_size):
+        loader = source.loader(batch_size, rank, world_size, seed=0)
+        loader.set_epoch(1)
+        batches = list(loader)
+        assert len(batches) == len(loader) == loader.batches_per_epoch == source.num_items // world_size // batch_size
+        x, y = batches[-1]
+        assert x.shape == (batch_size, *source.shape) and x.dtype == torch.float32 and y.dtype == torch.int64
+        assert 0 <= y.min() and y.max() < source.num_classes
+
+
 def test_digits_loader():
     source = data.make_source("digits")
-    assert isinstance(source, datasets.DataSource) and not source.latent and source.vae_factor == 1
+    assert_source_contract(source, 64)
     assert (source.shape, source.image_size, source.num_classes, source.num_items) == ((1, 8, 8), 8, 10, 1797)
     loader = source.loader(64, rank=0, world_size=1, seed=0)
     loader.set_epoch(0)
@@ -120,6 +134,7 @@ def test_folder_loader_order_is_reproducible(tmp_path):
     root = _make_folder(tmp_path / "imgs")
     source = data.make_source(str(root), 16, num_classes=1000, num_workers=0)
     assert type(source) is datasets.ImageFolderSource and (source.shape, source.num_classes) == ((3, 16, 16), 1000)
+    assert_source_contract(source, 1)
     assert data.make_source(str(root), 16).num_classes == 2  # default: the class folders
     runs = []
     for _ in range(2):

@@ -11,6 +11,7 @@ from eqm.datasets import ImageFolder
 from eqm.extract_latents import extract_latents, main, write_manifest
 from eqm.latents import LatentDataset, LatentSource, is_latent_dir, read_manifest, shard_name
 from eqm.vae import LATENT_SCALE
+from test_data import assert_source_contract
 
 IMAGE_SIZE = 16
 
@@ -134,6 +135,7 @@ def test_loader_shards_per_rank_deterministic(extracted):
         source = make_source(extracted)
         assert type(source) is LatentSource and source.latent and source.shape == (4, 4, 4)
         assert source.image_size == IMAGE_SIZE and source.vae_factor == 4 and source.num_classes == 2
+        assert_source_contract(source)
         loader = source.loader(2, rank=rank, world_size=2, seed=3)
         assert len(loader) == 2
         loader.set_epoch(0)
