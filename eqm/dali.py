@@ -1,6 +1,6 @@
 """ImageFolder JPEGs through NVIDIA DALI (decode, ADM center crop, random flip, normalise) as a DataSource.
 
-Same images as the torch DataLoader path (eqm.datasets.ImageFolderSource) up to one documented difference in resampling:
+Same images as the DataLoader path (eqm.datasets.ImageFolderSource) up to one documented difference in resampling:
 
 - Geometry is identical. ADM's `center_crop_arr` halves the image with BOX while its shorter side is
   >= 2 * image_size, then resizes with BICUBIC so the shorter side is image_size (long side rounded),

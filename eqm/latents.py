@@ -1,4 +1,4 @@
-"""Latent folders written by `python -m eqm.extract_latents`: their layout, and a DataSource reading them memory-mapped.
+"""Latent folders written by `python -m eqm.extract_latents`: their layout, and a DataSource reading them (mmap).
 
 Layout of a latent directory (the fast-DiT recipe: encode once, no VAE in the training loop):
   latents.json                manifest: image_size, latent_shape, vae, scale_factor, dtype, count, classes, shards

@@ -1,4 +1,4 @@
-"""Stable Diffusion VAE (diffusers AutoencoderKL) for latent-space EqM: latent geometry, local loading, encode, decode."""
+"""Stable Diffusion VAE (diffusers AutoencoderKL) for latent-space EqM: geometry, local loading, encode, decode."""
 import os
 
 import torch
