@@ -92,7 +92,7 @@ def _adaln_fwd_kernel(
     tl.store(H_OUT + offs, h, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT"])  # one compiled kernel whatever the grid split (also SPLIT = 1)
 def _adaln_bwd_kernel(
     X,  # (N, T, D)
     GATE,  # (N, D) (HAS_RES only)
@@ -108,39 +108,54 @@ def _adaln_bwd_kernel(
 ):
     # Program (s, n) walks token blocks s, s + SPLIT, ... of sample n and keeps the token sums
     # for dshift/dscale/dgate in registers; the SPLIT partials are summed afterwards (deterministic).
+    # Everything else is short-lived, so that a GPU thread fits in 32 registers (full occupancy, see
+    # _launch_backward): sample n's base pointers are scalars and element offsets 32-bit; scale, gate,
+    # y and dh are read again from cache where needed instead of held across the block-wide reductions
+    # (the first read of dh and scale says evict_last, which also keeps the compiler from merging the
+    # two reads into one register-held value).
     s, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    X += n * T * D
+    Y += n * T * D
+    DH += n * T * D
+    DR += n * T * D
+    DX += n * T * D
+    DY += n * T * D
+    GATE += n * D
+    SCALE += n * D
+    inv_d = 1.0 / D
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    scale1 = 1.0 + tl.load(SCALE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_RES:
-        gate = tl.load(GATE + n * D + cols, mask=cmask, other=0.0).to(tl.float32)
     acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
     for tb in range(s, tl.cdiv(T, ROWS), SPLIT):
         rows = tb * ROWS + tl.arange(0, ROWS)
         mask = (rows < T)[:, None] & cmask[None, :]
-        offs = n * T * D + rows[:, None] * D + cols[None, :]
+        offs = rows[:, None] * D + cols[None, :]
         r = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
-            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-            r = r + gate[None, :] * y
-        mean = tl.sum(r, axis=1) / D
-        rc = tl.where(mask, r - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(rc * rc, axis=1) / D + eps)
-        xhat = rc * rstd[:, None]
-        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(GATE + cols, mask=cmask, other=0.0).to(tl.float32)
+            r += gate[None, :] * tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(r, axis=1) * inv_d
+        xhat = tl.where(mask, r - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xhat * xhat, axis=1) * inv_d + eps)
+        xhat *= rstd[:, None]
+        scale1 = 1.0 + tl.load(SCALE + cols, mask=cmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        g = tl.load(DH + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32) * scale1[None, :]
+        c1 = tl.sum(g * xhat, axis=1) * inv_d
+        c2 = tl.sum(g, axis=1) * inv_d
+        dh = tl.load(DH + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         acc_shift += tl.sum(dh, axis=0)
         acc_scale += tl.sum(dh * xhat, axis=0)
-        g = dh * scale1[None, :]
-        c1 = tl.sum(g * xhat, axis=1) / D
-        c2 = tl.sum(g, axis=1) / D
-        dr = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        scale1 = 1.0 + tl.load(SCALE + cols, mask=cmask, other=0.0).to(tl.float32)
+        dr = (dh * scale1[None, :] - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         if HAS_DR:
             dr += tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dr, mask=mask)
         if HAS_RES:
+            gate = tl.load(GATE + cols, mask=cmask, other=0.0).to(tl.float32)
             tl.store(DY + offs, dr * gate[None, :], mask=mask)
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
             acc_gate += tl.sum(tl.where(mask, dr * y, 0.0), axis=0)
     p = (n * SPLIT + s) * D + cols
     tl.store(DSHIFT_P + p, acc_shift, mask=cmask)
@@ -153,6 +168,17 @@ def _rows_per_program(block_d: int) -> int:
     # ~4K elements per program on a GPU (2 tokens at D=1152); bigger tiles under the
     # interpreter, where each program instance costs milliseconds.
     return max(1, (32768 if INTERPRET else 4096) // block_d)
+
+
+def _programs_per_sample(n_blocks: int, N: int, slots: int) -> int:
+    """Programs per sample for the backward grid (split, N): the fewest whose N * split programs fill the
+    GPU's `slots` resident blocks in whole waves to at least 90% (the last wave of a ragged grid would run
+    with the GPU partly idle); as many as there are token blocks when even that cannot fill one wave."""
+    for split in range(1, n_blocks + 1):
+        programs = split * N
+        if programs >= 0.9 * slots * triton.cdiv(programs, slots):
+            return split
+    return n_blocks
 
 
 def _launch_forward(x, gate, y, shift, scale, eps, out_dtype=None):
@@ -182,15 +208,18 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
     N, T, D = x.shape
     has_res, has_dr = gate is not None, dr is not None
     x, dh = x.contiguous(), dh.contiguous()
+    if T * D >= 2**31:  # the kernel's offsets within one sample are 32-bit
+        raise ValueError(f"adaLN backward supports up to 2**31 elements per sample, got T*D = {T * D}")
     block_d = row_block(D)
-    # One token per step on a GPU, 4 elements per thread with the residual (8 without): at most 64 registers,
-    # so 32 warps per SM (two tokens with 16 warps took 124 registers: 16 warps per SM). Checked with
-    # `python -m eqm_kernels.aot` (4 elements per thread without the residual spill on sm_80).
+    # One token per step on a GPU, 4 elements (16 bytes of fp32) per thread. The register cap is what the
+    # kernel compiles to without spills on sm_90 and sm_80 (`python -m eqm_kernels.aot --kernel adaln`): 32
+    # without the residual, i.e. 64 resident warps per SM (full occupancy); 40 with it (48 warps, 75%).
     rows = _rows_per_program(block_d) if INTERPRET else 1
-    warps = 1 if INTERPRET else max(1, min(16, block_d // (128 if has_res else 256)))
+    warps = 1 if INTERPRET else max(1, min(16, block_d // 128))
+    regs = 40 if has_res else 32
     n_blocks = triton.cdiv(T, rows)
-    # Enough programs to fill the GPU twice over, each with several token blocks to amortise its partials.
-    split = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), N)))
+    slots = sm_count(x.device) * max(1, 65536 // (regs * 32 * warps))  # blocks resident at once on the GPU
+    split = _programs_per_sample(n_blocks, N, slots)
     part = torch.empty((3 if has_res else 2, N, split, D), dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x)
     dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if has_res else None  # contiguous, like y.contiguous()
@@ -200,6 +229,7 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
         part[0], part[1], part[2] if has_res else part[0],
         T, D, eps, split,
         HAS_RES=has_res, HAS_DR=has_dr, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+        **({} if INTERPRET else {"maxnreg": regs}),
     )
     dshift, dscale = part[0].sum(1).to(scale.dtype), part[1].sum(1).to(scale.dtype)
     dgate = part[2].sum(1).to(gate.dtype) if has_res else None

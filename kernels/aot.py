@@ -6,9 +6,10 @@ Triton's driver is replaced by a stand-in that reports the chosen GPU target; th
 run on `meta` tensors strided as the model lays them out (q/k/v as views of the qkv output, adaLN
 vectors as chunk views, the learn_sigma slice) at batch 256, and every kernel launch they make is
 compiled instead of launched: every autotune config, ttir -> ptx -> cubin with the ptxas in the
-Triton wheel. One line per variant: shared memory, registers, spills, MMA instruction, global load
-width, pipelining. Exit status 1 on a compile error, a resource limit exceeded, a spill, or a dot
-kernel without 16-byte pipelined loads (or without tensor cores).
+Triton wheel. One line per variant: shared memory, registers, spills, resident warps per SM (64 is
+full occupancy), MMA instruction, global load width, pipelining. Exit status 1 on a compile error, a
+resource limit exceeded, a spill, or a dot kernel without 16-byte pipelined loads (or without tensor
+cores).
 """
 import argparse
 import contextlib
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 
 # (arch) -> (shared memory per block opt-in, registers per SM), from the CUDA occupancy tables
 LIMITS = {90: (232448, 65536), 80: (166912, 65536)}
+SHARED_PER_SM = {90: 233472, 80: 167936}  # each resident block also takes 1 KB of it for the system
+MAX_WARPS, MAX_BLOCKS = 64, 32  # per SM, both architectures
 MODELS = ("EqM-XL/2", "EqM-B/2", "Dh128")  # Dh128: attention alone at head dim 128 (8 heads of a 1024 width)
 PRECISIONS = ("bf16", "tf32", "fp32")
 BATCH = 256
@@ -65,12 +68,21 @@ class Variant:
             out.append("dot loop without 16-byte pipelined loads")
         return out
 
+    def resident_warps(self, arch):
+        """Warps resident per SM (at most 64: full occupancy) given registers, shared memory, warps per block."""
+        if self.error or not self.warps:
+            return 0
+        warp_regs = -(-max(self.regs, 1) * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+        blocks = min(MAX_BLOCKS, MAX_WARPS // self.warps, LIMITS[arch][1] // (warp_regs * self.warps),
+                     SHARED_PER_SM[arch] // (self.shared + 1024))
+        return blocks * self.warps
+
     def line(self, arch):
         bad = self.problems(arch)
         status = "FAIL " + "; ".join(bad) if bad else "ok"
         return (f"{self.kernel:<14s} {self.shape:<28s} {self.config:<22s} smem {self.shared:>6d}  "
-                f"regs {self.regs:>3d}  spill {self.spill:>4d}  mma {self.mma:<8s} "
-                f"ld {self.load_bytes:>2d}B  pipe {self.pipelined:<8s} {self.seconds:5.1f}s  {status}")
+                f"regs {self.regs:>3d}  spill {self.spill:>4d}  warps/SM {self.resident_warps(arch):>2d}  "
+                f"mma {self.mma:<8s} ld {self.load_bytes:>2d}B  pipe {self.pipelined:<8s} {self.seconds:5.1f}s  {status}")
 
 
 # ---------------------------------------------------------------- PTX inspection
