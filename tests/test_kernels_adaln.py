@@ -1,10 +1,17 @@
 """Fused adaLN kernels against their PyTorch reference (Triton interpreter on CPU, compiled on CUDA)."""
+import importlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import eqm_kernels as kernels
 from eqm_kernels._testing import assert_matches, poisoned_allocations, print_errors
 
+adaln = importlib.import_module("eqm_kernels.adaln")  # the module (the package attribute is the function)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(2, 1, 72), (2, 17, 384), (1, 250, 72), (1, 17, 1152)]  # (N, T, D): odd token counts, odd widths
@@ -59,6 +66,42 @@ def test_gated_residual_adaln(shape, dtype):
     ins = _inputs([(N, T, D), (N, D), (N, T, D), (N, D), (N, D)], dtype, seed=1 + T + D)
     _check_op("gated_residual_adaln", kernels.gated_residual_adaln, kernels.gated_residual_adaln_reference,
               ins, dtype, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_programs_walk_several_token_blocks(monkeypatch, dtype):
+    # As on a GPU: small token blocks, each program summing dshift/dscale/dgate over several of them
+    # (3 programs per sample over 9 blocks of 2 tokens, the last one ragged), partials summed after.
+    monkeypatch.setattr(adaln, "_rows_per_program", lambda block_d: 2)
+    monkeypatch.setattr(adaln, "_programs_per_sample", lambda n_blocks, N, slots: 3)
+    x, gate, y, shift, scale = _inputs([(2, 17, 72), (2, 72), (2, 17, 72), (2, 72), (2, 72)], dtype, seed=7)
+    _check_op("gated_residual_adaln_token_loop", kernels.gated_residual_adaln,
+              kernels.gated_residual_adaln_reference, [x, gate, y, shift, scale], dtype, 2)
+    _check_op("adaln_modulate_token_loop", kernels.adaln_modulate, kernels.adaln_modulate_reference,
+              [3 * x + 1, shift, scale], dtype, 1)
+
+
+def test_backward_grid_fills_whole_waves():
+    split = adaln._programs_per_sample
+    assert split(256, 256, 528) == 2  # 512 programs of 528 resident blocks (EqM-XL/2 on an H100, 64 warps/SM)
+    assert split(256, 256, 396) == 3  # 768 = 1.94 waves of 396; 1 or 2 programs/sample leave a third idle
+    assert split(256, 1024, 528) == 1  # 1024 programs: 1.94 waves already
+    assert split(17, 1, 528) == 17  # one wave cannot be filled: a program per token block
+
+
+def test_backward_occupancy_when_compiled():
+    """Compiled for sm_90 and sm_80 (no GPU needed): the backward keeps 64 warps per SM resident (full occupancy,
+    32 registers) without the residual and 48 (40 registers) with it, with no spills and 16-byte loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "eqm_kernels.aot", "--arch", "90", "80", "--precision", "bf16", "tf32",
+                          "--model", "EqM-B/2", "--kernel", "adaln"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("adaln_bwd")]
+    assert len(lines) == 8  # 2 architectures x 2 precisions x with/without the residual
+    for ln in lines:
+        regs, warps = (40, 48) if "HAS_RES=True" in ln else (32, 64)
+        assert f"regs  {regs}  spill    0  warps/SM {warps}" in ln and "ld 16B" in ln and ln.endswith(" ok"), ln
 
 
 def test_mixed_dtypes_follow_type_promotion():
