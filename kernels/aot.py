@@ -82,7 +82,8 @@ class Variant:
         status = "FAIL " + "; ".join(bad) if bad else "ok"
         return (f"{self.kernel:<14s} {self.shape:<28s} {self.config:<22s} smem {self.shared:>6d}  "
                 f"regs {self.regs:>3d}  spill {self.spill:>4d}  warps/SM {self.resident_warps(arch):>2d}  "
-                f"mma {self.mma:<8s} ld {self.load_bytes:>2d}B  pipe {self.pipelined:<8s} {self.seconds:5.1f}s  {status}")
+                f"mma {self.mma:<8s} ld {self.load_bytes:>2d}B  pipe {self.pipelined:<8s} "
+                f"{self.seconds:5.1f}s  {status}")
 
 
 # ---------------------------------------------------------------- PTX inspection
