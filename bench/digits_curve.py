@@ -56,8 +56,8 @@ def evaluate(model, n, steps, stepsize, cfg_scale, precision, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 10
     x = torch.randn(n, 1, 8, 8, generator=g)
-    with runtime.autocast_for(precision):
-        out = sample(model, x, y, sampler="gd", steps=steps, stepsize=stepsize, cfg_scale=cfg_scale, cfg_channels=1)
+    out = sample(model, x, y, sampler="gd", steps=steps, stepsize=stepsize, cfg_scale=cfg_scale, cfg_channels=1,
+                 precision=precision)
     return digits_eval.class_accuracy(out.float(), y)
 
 

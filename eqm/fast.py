@@ -15,30 +15,10 @@ from copy import deepcopy
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from eqm.execution import (PRECISIONS, Execution, autocast, model_ops, resolve_precision,  # noqa: F401 (compat)
+                           set_precision, unwrap)
+from eqm.models import forward_flops
 from eqm.objective import eqm_training_losses
-
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-def unwrap(model):
-    """The bare EqM inside DDP / torch.compile wrappers."""
-    while True:
-        if isinstance(model, DDP):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def set_precision(precision, device):
-    """fp32: strict fp32 matmuls; tf32 and bf16: TF32 for whatever stays in fp32 (the published setting)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if torch.device(device).type == "cuda":
-        tf32 = precision != "fp32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def compile_fn(fn, backend="inductor"):
@@ -52,14 +32,6 @@ def compile_fn(fn, backend="inductor"):
     use_compile_cache()  # a second run of the same model reuses the generated code
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(fn, fullgraph=True, backend=backend)
-
-
-def autocast(device, precision):
-    """bf16 autocast context for precision "bf16", else a no-op (weights and grads stay fp32 either way)."""
-    if precision == "bf16":
-        # cache_enabled=False: the weight-cast cache must not outlive a CUDA graph capture.
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
 
 
 def attention_backend(device, precision):
@@ -120,11 +92,12 @@ class TrainStep:
 
     model: the bare EqM (not DDP-wrapped: pass ddp=True instead).
     opt: its optimizer (make_optimizer); ema: an EMA or None; ema_decay: its decay per step.
-    precision: "auto" (default: bf16 where a bf16 matmul is clearly faster on this device, measured once per
-        process by eqm.runtime; else fp32/tf32), "bf16" (autocast, fp32 master weights), "tf32" or "fp32".
-    compile: torch.compile the forward + loss with fullgraph=True; backend: the compile backend
-        ("inductor"; "aot_eager" traces the same graph without code generation, for quick tests).
-    fused: set model.fused (None leaves it as it is).
+    execution: the eqm.execution.Execution to run (its ops must be the model's: use_execution(model, execution)
+        first); its precision and compile replace the two keywords below.
+    precision (without execution): "auto" (bf16 where a bf16 matmul is clearly faster on this device, measured
+        once per process by eqm.runtime; else fp32/tf32), "bf16" (autocast, fp32 master weights), "tf32" or "fp32".
+    compile (without execution): torch.compile the forward + loss with fullgraph=True; backend: the compile
+        backend ("inductor"; "aot_eager" traces the same graph without code generation, for quick tests).
     ddp: wrap the compiled loss in DistributedDataParallel (gradients all-reduced in backward);
         DDP must sit outside the compiled region, since dynamo cannot trace DDP.forward with fullgraph.
     a, lam, ct_shape: the objective's c(t) (eqm.objective); grad_clip: max grad norm or None.
@@ -134,8 +107,8 @@ class TrainStep:
         any rank (one host sync per step); `self.skipped` tells whether the last step was skipped.
     """
 
-    def __init__(self, model, opt, *, ema=None, ema_decay=0.9999, precision="auto", compile=True,
-                 backend="inductor", fused=None, ddp=False, a=0.8, lam=4.0, grad_clip=None, model_kwargs=None,
+    def __init__(self, model, opt, *, execution=None, ema=None, ema_decay=0.9999, precision="auto", compile=True,
+                 backend="inductor", ddp=False, a=0.8, lam=4.0, grad_clip=None, model_kwargs=None,
                  check_finite=False, skip_nonfinite=False, ct_shape="truncated-linear"):
         if isinstance(model, DDP):
             raise ValueError("pass the bare model to TrainStep and ddp=True: it wraps the compiled loss in DDP itself")
@@ -146,14 +119,16 @@ class TrainStep:
         self.check_finite, self.skip_nonfinite = check_finite or skip_nonfinite, skip_nonfinite
         self.grad_norm, self.skipped = None, False
         self.device = next(model.parameters()).device
-        if fused is not None:
-            model.fused = bool(fused)
-        from eqm.runtime import resolve_precision
-
-        self.precision = precision = resolve_precision(precision, self.device)
+        if execution is None:
+            execution = Execution(model_ops(model), bool(compile), resolve_precision(precision, self.device))
+        elif execution.ops != model_ops(model):
+            raise ValueError(f"the model runs ops={model_ops(model)!r} but the execution says {execution.ops!r}: "
+                             "call eqm.execution.use_execution(model, execution) first")
+        self.execution = execution
+        self.precision = precision = execution.precision
         set_precision(precision, self.device)
         loss = EqMLoss(model, a, lam, precision, model_kwargs, ct_shape)
-        if compile:
+        if execution.compile:
             loss = compile_fn(loss, backend)
         if ddp:
             loss = DDP(loss, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -197,25 +172,9 @@ class TrainStep:
 #################################################################################
 
 def forward_flops_per_image(model):
-    """Matmul FLOPs (2 per multiply-add) of one forward pass of an EqM on one image.
-
-    With T = (input_size / p)^2 tokens, D hidden, L blocks, M = mlp_ratio * D, C in channels, K = out channels:
-      patch embed  2 T (C p^2) D
-      per block    2 T D (3D) [qkv] + 2 T D D [proj] + 2 * 2 T D M [mlp] + 2 T^2 D * 2 [q k^T and attn v]
-                   + 2 D (6D) [adaLN, once per image, not per token]
-      final        2 D (2D) [adaLN] + 2 T D (p^2 K) [linear]
-      t embedder   2 * 256 D + 2 D D
-    Elementwise work (LayerNorm, softmax, GELU, modulate) is left out, as MFU conventions do.
-    EqM-XL/2 at 32x32 latents: 237 GFLOP (attention scores 3.6% of it).
-    """
-    m = unwrap(model)
-    p, D, L, C = m.patch_size, m.hidden_size, m.depth, m.in_channels
-    T = m.num_patches
-    M = m.blocks[0].mlp.fc1.out_features if L else 4 * D
-    K = m.out_channels
-    per_block = 2 * T * D * 3 * D + 2 * T * D * D + 2 * 2 * T * D * M + 2 * 2 * T * T * D + 2 * D * 6 * D
-    return (2 * T * C * p * p * D + L * per_block + 2 * D * 2 * D + 2 * T * D * p * p * K
-            + 2 * 256 * D + 2 * D * D)
+    """Matmul FLOPs of one forward pass of an EqM (or a DDP / compile wrapper of one) on one image
+    (eqm.models.forward_flops: EqM-XL/2 at 32x32 latents is 237 GFLOP)."""
+    return forward_flops(unwrap(model))
 
 
 def train_flops_per_image(model):

@@ -1,41 +1,30 @@
 """EqM: the SiT/DiT transformer with adaLN-Zero, state-dict compatible with the published EqM checkpoints.
 
-Read top to bottom: the hot ops (LayerNorm+modulate, gated residual, attention) are small functions,
-each with a `fused` switch that routes it to `kernels/` with the same weights; then the embedders,
-the block (a reference forward, and a fused one that merges each residual add with the adaLN after
-it), the final layer, the model (incl. the explicit-energy variant EqM-E) and the registry.
+Read top to bottom: the hot ops (LayerNorm+modulate, gated residual, attention) are small functions that
+run the plain-PyTorch references of kernels/reference.py, or with triton=True the Triton kernels; then the
+embedders, the block (a reference forward, and a Triton one that merges each residual add with the adaLN
+after it), the final layer, the model (incl. the explicit-energy variant EqM-E), its FLOP count and the
+registry. Which ops a model runs is set once, by eqm.execution.use_execution (or EqM(fused=True)).
 """
 import math
-import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import eqm_kernels as kernels  # the references import no Triton; the Triton ops load on first use
+from eqm.execution import use_execution
+from eqm_kernels.reference import (adaln_modulate_reference, attention_reference, gated_residual,  # noqa: F401
+                                   gated_residual_adaln_reference, modulate)
+
 LN_EPS = 1e-6
 EBM_TYPES = ("none", "dot", "l2", "mean")
 
 
 #################################################################################
-#                      Hot ops (reference, or kernels/ when fused)              #
+#                 Hot ops (PyTorch reference, or Triton kernels)                #
 #################################################################################
-
-_missing_kernels = set()
-
-
-def _kernel(name):
-    """The fused op `kernels.<name>`, or None (with a one-time warning) when kernels/ lacks it."""
-    try:
-        import eqm_kernels as kernels
-        fn = getattr(kernels, name)
-    except (ImportError, AttributeError):
-        if name not in _missing_kernels:
-            _missing_kernels.add(name)
-            warnings.warn(f"fused=True but kernels.{name} is unavailable; using the PyTorch reference op")
-        return None
-    return fn
-
 
 def _matmul_dtype(x):
     """The dtype the Linear after an adaLN reads: the autocast dtype inside autocast, else None (unchanged)."""
@@ -43,42 +32,30 @@ def _matmul_dtype(x):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def modulate(x, shift, scale):
-    """adaLN modulation: x (N, T, D) scaled and shifted per sample by (N, D) vectors."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def adaln_modulate(x, shift, scale, fused=False):
+def adaln_modulate(x, shift, scale, triton=False):
     """LayerNorm (no affine, eps 1e-6) followed by `modulate`."""
-    if fused and (fn := _kernel("adaln_modulate")) is not None:
-        return fn(x, shift, scale, eps=LN_EPS, out_dtype=_matmul_dtype(x))
-    return modulate(F.layer_norm(x, x.shape[-1:], eps=LN_EPS), shift, scale)
+    if triton:
+        return kernels.adaln_modulate(x, shift, scale, eps=LN_EPS, out_dtype=_matmul_dtype(x))
+    return adaln_modulate_reference(x, shift, scale, LN_EPS)
 
 
-def gated_residual(x, gate, y):
-    """x + gate * y with a per-sample (N, D) gate."""
-    return x + gate.unsqueeze(1) * y
-
-
-def gated_residual_adaln(x, gate, y, shift, scale, fused=False):
+def gated_residual_adaln(x, gate, y, shift, scale, triton=False):
     """(x_new, h): x_new = x + gate * y, then h = adaln_modulate(x_new, shift, scale)."""
-    if fused and (fn := _kernel("gated_residual_adaln")) is not None:
-        return fn(x, gate, y, shift, scale, eps=LN_EPS, out_dtype=_matmul_dtype(x))
-    x = gated_residual(x, gate, y)
-    return x, adaln_modulate(x, shift, scale)
+    if triton:
+        return kernels.gated_residual_adaln(x, gate, y, shift, scale, eps=LN_EPS, out_dtype=_matmul_dtype(x))
+    return gated_residual_adaln_reference(x, gate, y, shift, scale, LN_EPS)
 
 
-def attn_core(q, k, v, fused=False, double_grad=False):
+def attn_core(q, k, v, triton=False, double_grad=False):
     """softmax(q k^T / sqrt(Dh)) v on (B, H, N, Dh).
 
-    double_grad: use plain matmul+softmax, which is twice differentiable everywhere (EqM-E training);
-    the SDPA flash/efficient backends are not.
+    double_grad: the reference written as plain matmul+softmax (SDPA's math backend), twice differentiable
+    everywhere (EqM-E training); the SDPA flash/efficient backends are not.
     """
-    if double_grad:  # SDPA's math backend, written out: sqrt(scale) on each of q and k
-        s = q.shape[-1] ** -0.25
-        return torch.softmax((q * s) @ (k * s).transpose(-2, -1), dim=-1) @ v
-    if fused and (fn := _kernel("attention")) is not None:
-        return fn(q, k, v)
+    if double_grad:
+        return attention_reference(q, k, v)
+    if triton:
+        return kernels.attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -115,10 +92,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x, fused=False, double_grad=False):
+    def forward(self, x, triton=False, double_grad=False):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        o = attn_core(qkv[0], qkv[1], qkv[2], fused=fused, double_grad=double_grad)
+        o = attn_core(qkv[0], qkv[1], qkv[2], triton=triton, double_grad=double_grad)
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
@@ -202,25 +179,28 @@ class EqMBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x, c, double_grad=False, fused=False, pending=None):
-        """Reference path (plain PyTorch ops), or with fused=True the kernels/ path.
+    def forward(self, x, c, double_grad=False, triton=False, pending=None):
+        """Reference path (plain PyTorch ops): returns x. With triton=True the kernels/ path: see _forward_triton.
+        Everything runs inside this module's call, so wrappers' hooks (FSDP2's all-gather) see it."""
+        mod = self.adaLN_modulation(c).chunk(6, dim=1)
+        if triton:
+            return self._forward_triton(x, mod, pending)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = adaln_modulate(x, shift_msa, scale_msa)
+        x, h = gated_residual_adaln(x, gate_msa, self.attn(h, double_grad=double_grad), shift_mlp, scale_mlp)
+        return gated_residual(x, gate_mlp, self.mlp(h))
 
-        Fused: pending = (gate, y) is the previous block's MLP residual, not yet added; it is fused with
-        this block's first adaLN, and this block's own MLP residual is returned pending in turn for the
-        next layer. Returns (x_prev, x, pending): x_prev is the previous block's completed output.
-        Everything runs inside this module's call, so wrappers' hooks (FSDP2's all-gather) see it.
-        """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        if not fused:
-            h = adaln_modulate(x, shift_msa, scale_msa)
-            x, h = gated_residual_adaln(x, gate_msa, self.attn(h, double_grad=double_grad), shift_mlp, scale_mlp)
-            return gated_residual(x, gate_mlp, self.mlp(h))
+    def _forward_triton(self, x, mod, pending):
+        """pending = (gate, y) is the previous block's MLP residual, not yet added; it is fused with this block's
+        first adaLN, and this block's own MLP residual is returned pending in turn for the next layer.
+        Returns (x_prev, x, pending): x_prev is the previous block's completed output."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         if pending is None:
-            h = adaln_modulate(x, shift_msa, scale_msa, fused=True)
+            h = adaln_modulate(x, shift_msa, scale_msa, triton=True)
         else:
-            x, h = gated_residual_adaln(x, *pending, shift_msa, scale_msa, fused=True)
+            x, h = gated_residual_adaln(x, *pending, shift_msa, scale_msa, triton=True)
         x_prev = x
-        x, h = gated_residual_adaln(x, gate_msa, self.attn(h, fused=True), shift_mlp, scale_mlp, fused=True)
+        x, h = gated_residual_adaln(x, gate_msa, self.attn(h, triton=True), shift_mlp, scale_mlp, triton=True)
         return x_prev, x, (gate_mlp, self.mlp(h))
 
 
@@ -236,12 +216,12 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c, pending=None):
-        """Head output; with pending = (gate, y) (the fused path) the last block's residual is added first,
+        """Head output; with pending = (gate, y) (the Triton path) the last block's residual is added first,
         fused with this adaLN, and (completed x, head output) is returned."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         if pending is None:
             return self.linear(adaln_modulate(x, shift, scale))
-        x, h = gated_residual_adaln(x, *pending, shift, scale, fused=True)
+        x, h = gated_residual_adaln(x, *pending, shift, scale, triton=True)
         return x, self.linear(h)
 
 
@@ -251,10 +231,11 @@ class EqM(nn.Module):
     uncond: feed t = 0 to the time embedder (EqM's setting; the embedder's weights still exist).
     ebm: "none" outputs the head directly; "dot"/"mean" (E = sum(f * x)) and "l2" (E = -|f|^2 / 2)
         output grad_x E (EqM-E), computed with autograd even under torch.no_grad().
-    fused: route LayerNorm+modulate, the gated residuals and attention through kernels/ (switchable at
-        run time; same weights). EqM-E always runs its head with the reference ops: its output is a
-        torch.func.grad, and custom ops cannot join a torch.func transform (undetectable under
-        torch.compile), so for EqM-E only the objective's fused loss applies.
+    fused: compat for ops="triton" (the published signature has no ops). `model.ops` ("reference" or "triton")
+        says which ops run: LayerNorm+modulate, the gated residuals and attention through kernels/ for "triton"
+        (same weights); eqm.execution.use_execution is the one place that changes it. EqM-E always runs its
+        head with the reference ops: its output is a torch.func.grad, and custom ops cannot join a torch.func
+        transform (undetectable under torch.compile), so for EqM-E only the objective's Triton loss applies.
     """
 
     def __init__(
@@ -289,7 +270,7 @@ class EqM(nn.Module):
         self.num_classes = num_classes
         self.uncond = uncond
         self.ebm = ebm
-        self.fused = fused
+        use_execution(self, "triton" if fused else "reference")
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -300,6 +281,21 @@ class EqM(nn.Module):
         self.blocks = nn.ModuleList([EqMBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @property
+    def ops(self):
+        """"reference" or "triton": the ops this model runs (set by eqm.execution.use_execution)."""
+        return self._ops
+
+    @property
+    def fused(self):
+        """Compat: ops == "triton". Assigning it goes through use_execution (eqm/train.py and eqm/sample.py
+        still assign it; new code calls use_execution)."""
+        return self._ops == "triton"
+
+    @fused.setter
+    def fused(self, value):
+        use_execution(self, "triton" if value else "reference")
 
     def initialize_weights(self):
         """Xavier linears with zero bias; adaLN and output layers zeroed, so f = 0 at init."""
@@ -359,35 +355,48 @@ class EqM(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null label), "
                              f"got range [{int(y.min())}, {int(y.max())}]")
 
-    def _head(self, x, t, y, fused=False, double_grad=False):
+    def _head(self, x, t, y, triton=False, double_grad=False):
         """The transformer proper: (first C channels of the head output, per-block activations).
 
-        Labels are dropped in training mode only (self.training), as published. fused: kernels/ ops (not
+        Labels are dropped in training mode only (self.training), as published. triton: kernels/ ops (not
         twice differentiable under torch.func); double_grad: attention by plain matmul+softmax (EqM-E training).
         """
+        x, c = self._embed(x, t, y)
+        if triton:
+            x, act = self._trunk_triton(x, c)
+        else:
+            x, act = self._trunk_reference(x, c, double_grad)
+        x = self.unpatchify(x)                             # (N, out_channels, H, W)
+        if self.learn_sigma:
+            x = x[:, : self.in_channels]
+        return x, act
+
+    def _embed(self, x, t, y):
+        """(tokens (N, T, D) with position embedding, conditioning c (N, D)); t = 0 when uncond or None."""
         if t is None or self.uncond:
             t = torch.zeros(x.shape[0], device=x.device)
         elif t.dim() == 0:
             t = t.expand(x.shape[0])
-        x = self.x_embedder(x) + self.pos_embed           # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        return self.x_embedder(x) + self.pos_embed, self.t_embedder(t) + self.y_embedder(y, self.training)
+
+    def _trunk_reference(self, x, c, double_grad):
+        """Blocks and final layer with the reference ops: (head tokens, per-block activations)."""
         act = []
-        if fused:  # each residual add is fused with the adaLN that follows it (next block's or final layer's)
-            pending = None
-            for i, block in enumerate(self.blocks):
-                x_prev, x, pending = block(x, c, fused=True, pending=pending)
-                if i:
-                    act.append(x_prev)
-            x_last, x = self.final_layer(x, c, pending=pending)
-            act.append(x_last)
-        else:
-            for block in self.blocks:
-                x = block(x, c, double_grad=double_grad)
-                act.append(x)
-            x = self.final_layer(x, c)
-        x = self.unpatchify(x)                             # (N, out_channels, H, W)
-        if self.learn_sigma:
-            x = x[:, : self.in_channels]
+        for block in self.blocks:
+            x = block(x, c, double_grad=double_grad)
+            act.append(x)
+        return self.final_layer(x, c), act
+
+    def _trunk_triton(self, x, c):
+        """Blocks and final layer with the Triton ops; each residual add is fused with the adaLN that follows it
+        (the next block's or the final layer's), so a block's output completes inside the next call."""
+        act, pending = [], None
+        for i, block in enumerate(self.blocks):
+            x_prev, x, pending = block(x, c, triton=True, pending=pending)
+            if i:
+                act.append(x_prev)
+        x_last, x = self.final_layer(x, c, pending=pending)
+        act.append(x_last)
         return x, act
 
     def energy(self, head, x):
@@ -431,7 +440,7 @@ class EqM(nn.Module):
         """
         self._check_inputs(x0, t, y)
         if self.ebm == "none":
-            field, act = self._head(x0, t, y, fused=self.fused)
+            field, act = self._head(x0, t, y, triton=self.ops == "triton")
             energy = torch.zeros(x0.shape[0], dtype=field.dtype, device=field.device) if get_energy else None
         else:
             field, energy, act = self._energy_field(x0, t, y, create_graph=train)
@@ -459,14 +468,8 @@ class EqM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_sample(self):
-        """Matmul FLOPs of one forward pass for one sample (2 per multiply-add); x3 for forward+backward."""
-        D, T, L = self.hidden_size, self.num_patches, self.depth
-        pp = self.patch_size ** 2
-        mlp = self.blocks[0].mlp.fc1.out_features if L else 0
-        per_token_block = 2 * (3 * D * D + D * D + 2 * D * mlp) + 4 * T * D  # qkv, proj, MLP, QK^T and AV
-        per_sample = 2 * (256 * D + D * D) + L * 2 * D * 6 * D + 2 * D * 2 * D  # t-embedder and adaLN
-        per_token = 2 * pp * self.in_channels * D + L * per_token_block + 2 * D * pp * self.out_channels
-        return T * per_token + per_sample
+        """Matmul FLOPs of one forward pass for one sample (forward_flops)."""
+        return forward_flops(self)
 
 
 def cfg_combine(out, cfg_scale, cfg_channels=3):
@@ -481,6 +484,30 @@ def cfg_combine(out, cfg_scale, cfg_channels=3):
     cond, uncond = guided.chunk(2, dim=0)
     half = uncond + cfg_scale * (cond - uncond)
     return torch.cat([torch.cat([half, half], dim=0), rest], dim=1)
+
+
+#################################################################################
+#                                FLOP accounting                                #
+#################################################################################
+
+def forward_flops(model):
+    """Matmul FLOPs (2 per multiply-add) of one forward pass of `model` (an EqM) on one image.
+
+    With T = (input_size / p)^2 tokens, D hidden, L blocks, M = mlp_ratio * D, C in channels, K = out channels:
+      patch embed  2 T (C p^2) D
+      per block    2 T D (3D) [qkv] + 2 T D D [proj] + 2 * 2 T D M [mlp] + 2 T^2 D * 2 [q k^T and attn v]
+                   + 2 D (6D) [adaLN, once per image, not per token]
+      final        2 D (2D) [adaLN] + 2 T D (p^2 K) [linear]
+      t embedder   2 * 256 D + 2 D D
+    Elementwise work (LayerNorm, softmax, GELU, modulate) is left out, as MFU conventions do; x3 for
+    forward+backward. EqM-XL/2 at 32x32 latents: 237 GFLOP (attention scores 3.6% of it).
+    """
+    p, D, L, C, K = model.patch_size, model.hidden_size, model.depth, model.in_channels, model.out_channels
+    T = model.num_patches
+    M = model.blocks[0].mlp.fc1.out_features if L else 4 * D
+    per_block = 2 * T * D * 3 * D + 2 * T * D * D + 2 * 2 * T * D * M + 2 * 2 * T * T * D + 2 * D * 6 * D
+    return (2 * T * C * p * p * D + L * per_block + 2 * D * 2 * D + 2 * T * D * p * p * K
+            + 2 * 256 * D + 2 * D * D)
 
 
 #################################################################################

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from eqm.execution import model_ops
+
 CT_SHAPES = ("truncated-linear", "truncated-cosine")
 
 
@@ -56,7 +58,7 @@ def dispersive_loss(act, tau=1.0):
 
 
 def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None, t=None, train=True,
-                        disp_weight=0.5, fused=None, ct_shape="truncated-linear"):
+                        disp_weight=0.5, ops=None, ct_shape="truncated-linear"):
     """EqM loss terms for a batch of data x1 (N, C, H, W).
 
     model is called as model(xt, t, **model_kwargs) (model_kwargs holds y; train=True is added unless given).
@@ -64,9 +66,9 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
     Returns {"loss": per-sample (N,), "pred", "target", "t"}; when the model returns activations
     (return_act=True, the published --disp) also "disp_loss" (a scalar, already added to "loss"
     with weight disp_weight; the activation used is the last block's).
-    fused: xt/target by kernels.eqm_interpolate and the loss by kernels.eqm_loss (same values); None
-    follows model.fused (or model.module.fused for a DDP wrapper). The kernels implement the published
-    c(t) only: another ct_shape takes the plain path.
+    ops: "triton" computes xt/target by kernels.eqm_interpolate and the loss by kernels.eqm_loss (same values),
+    "reference" in plain PyTorch; None follows the model's ops (eqm.execution.model_ops, DDP / compile wrappers
+    included). The kernels implement the published c(t) only: another ct_shape computes them in PyTorch.
     """
     model_kwargs = dict(model_kwargs or {})
     model_kwargs.setdefault("train", train)
@@ -78,9 +80,9 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
         t = torch.rand(n, device=x1.device)
     elif t.shape != (n,):
         raise ValueError(f"t must have shape ({n},), got {tuple(t.shape)}")
-    if fused is None:
-        fused = getattr(model, "fused", getattr(getattr(model, "module", None), "fused", False))
-    fused = fused and ct_shape == "truncated-linear"
+    if ops not in (None, "reference", "triton"):
+        raise ValueError(f"ops must be None, 'reference' or 'triton', got {ops!r}")
+    fused = (model_ops(model) if ops is None else ops) == "triton" and ct_shape == "truncated-linear"
     if fused:
         import eqm_kernels as kernels
         _check_a(a)

@@ -12,8 +12,6 @@ import time
 
 import torch
 
-from eqm.fast import autocast
-
 BF16_MIN_SPEEDUP = 1.5  # bf16 autocast adds casts: a matmul speed-up below this does not pay end to end
 THREAD_MIN_SPEEDUP = 1.1  # more threads must beat one thread by this much (contention makes them risky)
 SMALL_MODEL_GFLOP = 20.0  # a forward pass of the batch below this is "small": its thread count is probed
@@ -79,11 +77,6 @@ def precision_reason(device="cpu"):
     return _reasons.get(torch.device(device).type, "not resolved yet")
 
 
-def autocast_for(precision, device="cpu"):
-    """bf16 autocast for "bf16", else a no-op."""
-    return autocast(device, precision)
-
-
 def decide_threads(seconds):
     """Thread count from {threads: [seconds of the same work]}: the most threads whose median beats one
     thread's by THREAD_MIN_SPEEDUP (and every smaller count it beats), else 1."""
@@ -128,7 +121,8 @@ def configure_threads(model, batch_size, threads=None, device="cpu"):
 
 
 def _probe_model_threads(model, batch_size):
-    from eqm.fast import forward_flops_per_image, unwrap
+    from eqm.fast import forward_flops_per_image
+    from eqm.execution import unwrap
 
     max_threads = os.cpu_count() or 1
     m = unwrap(model)

@@ -1,4 +1,4 @@
-"""Triton kernels for the EqM hot path, each beside its plain-PyTorch reference.
+"""Triton kernels for the EqM hot path, each beside its plain-PyTorch reference (kernels/reference.py).
 
 Every op is a torch.library custom op (traceable by torch.compile(fullgraph=True)). CUDA tensors run
 the compiled Triton kernel; CPU tensors run the reference, or the Triton kernel through the
@@ -6,13 +6,19 @@ interpreter when TRITON_INTERPRET=1 was set before import. Backward passes run T
 create_graph=True they switch to differentiable torch ops, so eager double backward works. torch.func
 transforms (grad, vmap) cannot see through custom ops: inside them the public functions call the
 references instead (detected automatically, or forced with `reference_ops()`).
+The references import no Triton; the Triton ops are only defined where Triton is installed (Linux), so
+`import eqm_kernels` and the model's reference path work everywhere (eqm.execution says why Triton cannot run).
 """
-from .adaln import (adaln_modulate, adaln_modulate_reference, gated_residual_adaln,
-                    gated_residual_adaln_reference)
-from .attention import attention, attention_reference
-from .eqm_loss import (eqm_interpolate, eqm_interpolate_reference, eqm_loss, eqm_loss_reference,
-                       eqm_target_scale_reference)
-from ._dispatch import INTERPRET, reference_ops
+import importlib.util
+
+from .reference import (adaln_modulate_reference, attention_reference, eqm_interpolate_reference,
+                        eqm_loss_reference, eqm_target_scale_reference, gated_residual_adaln_reference)
+
+if importlib.util.find_spec("triton") is not None:
+    from .adaln import adaln_modulate, gated_residual_adaln
+    from .attention import attention
+    from .eqm_loss import eqm_interpolate, eqm_loss
+    from ._dispatch import INTERPRET, reference_ops
 
 __all__ = [
     "adaln_modulate", "gated_residual_adaln", "attention", "eqm_loss", "eqm_interpolate",

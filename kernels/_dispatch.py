@@ -58,4 +58,13 @@ def use_reference() -> bool:
     """
     if _force_reference:
         return True
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    return not torch.compiler.is_compiling() and inside_func_transform()
+
+
+def inside_func_transform() -> bool:
+    """True inside a torch.func transform (grad, vjp, vmap ...), in eager mode.
+
+    The one private torch API the kernels use, kept here alone: torch has no public way to ask whether a
+    functorch interpreter is active, and custom ops must step aside for the plain references inside one.
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -20,19 +20,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import INTERPRET, num_warps_for, row_block, sm_count, use_reference, use_triton
-
-
-# ---------------------------------------------------------------- references
-def adaln_modulate_reference(x, shift, scale, eps: float = 1e-6):
-    """LayerNorm without affine over the last dim, then x * (1 + scale) + shift (plain PyTorch)."""
-    h = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
-    return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def gated_residual_adaln_reference(x, gate, y, shift, scale, eps: float = 1e-6):
-    """r = x + gate * y, then (r, adaln_modulate(r, shift, scale)) (plain PyTorch)."""
-    r = x + gate.unsqueeze(1) * y
-    return r, adaln_modulate_reference(r, shift, scale, eps)
+from .reference import adaln_modulate_reference, gated_residual_adaln_reference  # noqa: F401 (re-exported)
 
 
 def _backward_math(x, gate, y, scale, dh, dr, eps):

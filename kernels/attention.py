@@ -22,16 +22,9 @@ import triton
 import triton.language as tl
 
 from ._dispatch import INTERPRET, use_reference, use_triton
+from .reference import attention_reference
 
 LOG2E = 1.4426950408889634
-
-
-# ---------------------------------------------------------------- reference
-def attention_reference(q, k, v, scale: Optional[float] = None):
-    """softmax(q k^T * scale) v in plain PyTorch, same dtype as the inputs (scale defaults to Dh**-0.5)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-    return p @ v
 
 
 def _backward_math(q, k, v, do, scale):

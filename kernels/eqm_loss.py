@@ -19,31 +19,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import INTERPRET, num_warps_for, sm_count, use_reference, use_triton
-
-
-# ---------------------------------------------------------------- references
-def eqm_target_scale_reference(t, a: float = 0.8, lam: float = 4.0):
-    """c(t) = lam * min(1, (1 - t) / (1 - a))."""
-    return lam * torch.clamp((1 - t) / (1 - a), max=1.0)
-
-
-def _bcast(t, x):
-    return t.reshape((-1,) + (1,) * (x.dim() - 1))
-
-
-def eqm_loss_reference(pred, x1, x0, t, a: float = 0.8, lam: float = 4.0):
-    """Per-sample mean of (pred - (x1 - x0) * c(t))^2 over all non-batch dims (plain PyTorch)."""
-    target = (x1 - x0) * _bcast(eqm_target_scale_reference(t, a, lam), x1)
-    return (pred - target).pow(2).flatten(1).mean(1)
-
-
-def eqm_interpolate_reference(x1, x0, t, a: float = 0.8, lam: float = 4.0, with_target: bool = False):
-    """xt = t * x1 + (1 - t) * x0, and the target (x1 - x0) * c(t) when with_target (plain PyTorch)."""
-    tb = _bcast(t, x1)
-    xt = tb * x1 + (1 - tb) * x0
-    if not with_target:
-        return xt
-    return xt, (x1 - x0) * _bcast(eqm_target_scale_reference(t, a, lam), x1)
+from .reference import (_bcast, eqm_interpolate_reference, eqm_loss_reference,  # noqa: F401 (re-exported)
+                        eqm_target_scale_reference)
 
 
 def _dscale_dt(t, a, lam):

@@ -1,4 +1,8 @@
-"""Small EqM models for fast CPU tests."""
+"""Small EqM models for fast CPU tests, and a counter of the Triton kernel launches they cause."""
+import collections
+import contextlib
+import importlib
+
 import torch
 
 from eqm.models import EqM
@@ -31,3 +35,31 @@ class Bowl:
 
     def __call__(self, x, t, y):
         return self.m - x
+
+
+# The functions in kernels/ that launch Triton programs (the only places a Triton kernel starts).
+_LAUNCHERS = {"adaln": ("_launch_forward", "_launch_backward"), "attention": ("_launch_forward", "_launch_backward"),
+              "eqm_loss": ("_launch_loss_forward", "_launch_loss_backward", "_launch_interpolate")}
+
+
+@contextlib.contextmanager
+def count_triton_launches():
+    """Counter {"adaln.forward": n, "attention.backward": n, "eqm_loss.loss_forward": n, ...} of the Triton
+    launches made inside the block: a test that reads it fails if the ops quietly took a PyTorch path."""
+    counts, saved = collections.Counter(), []
+    for module_name, names in _LAUNCHERS.items():
+        module = importlib.import_module(f"eqm_kernels.{module_name}")
+        for name in names:
+            real = getattr(module, name)
+            key = f"{module_name}.{name.removeprefix('_launch_')}"
+
+            def spy(*args, _real=real, _key=key, **kwargs):
+                counts[_key] += 1
+                return _real(*args, **kwargs)
+            saved.append((module, name, real))
+            setattr(module, name, spy)
+    try:
+        yield counts
+    finally:
+        for module, name, real in saved:
+            setattr(module, name, real)

@@ -13,7 +13,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from eqm.fast import autocast, compile_fn, unwrap
+from eqm.execution import autocast, check_precision, model_ops, unwrap
+from eqm.fast import compile_fn
 from eqm.sampling.field import make_field
 from eqm.sampling.samplers import make_sampler
 
@@ -26,7 +27,8 @@ class Engine:
         atol, rtol: see make_sampler), or a sampler object.
     field: a callable (x, y) -> f replacing the model's guided field (e.g. a composition); the model is
         still what is put in eval mode while sampling.
-    precision: "fp32" or "bf16" (autocast for the model). compile: torch.compile the step (backend
+    precision: "fp32", "tf32" or "bf16" (eqm.execution.PRECISIONS; bf16: autocast for the model; the TF32 switch
+        itself is process-wide, eqm.execution.set_precision). compile: torch.compile the step (backend
         "inductor", or "aot_eager" for quick tests). cuda_graph: capture `block` steps as a CUDA graph
         (default: on for CUDA with compile). An adaptive ODE method (dopri5) picks its steps from the data and
         always runs eagerly.
@@ -39,6 +41,7 @@ class Engine:
             raise ValueError(f"block must be >= 1, got {block}")
         if stop_grad_norm is not None and stop_grad_norm < 0:
             raise ValueError(f"stop_grad_norm must be >= 0, got {stop_grad_norm}")
+        check_precision(precision)
         self.sampler = make_sampler(sampler, **options) if isinstance(sampler, str) else sampler
         self.device = torch.device(device)
         if not self.sampler.fixed_grid:
@@ -261,7 +264,7 @@ def sample(model, x, y, *, sampler="gd", steps=250, stepsize=0.003, return_stats
     kw.update(sampler=sampler, stepsize=stepsize, compile=compile)
     if compile and kw.get("field") is None and kw.get("known") is None:
         key = (tuple(x.shape), str(x.device), x.dtype, tuple(sorted((k, repr(v)) for k, v in kw.items())),
-               getattr(unwrap(model), "fused", None))
+               model_ops(model))
         per_model = model.__dict__.setdefault("_sampling_engines", {})  # lives and dies with the model
         if key not in per_model:
             per_model[key] = Engine(model, x.shape, x.device, dtype=x.dtype, **kw)
