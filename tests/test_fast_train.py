@@ -56,14 +56,37 @@ def test_compiled_step_fullgraph_matches_eager(ebm, disp):
     assert moved > 1e-4, "the optimizer did not update the weights"
 
 
+def matmul_dtypes_backend(seen):
+    """backend="aot_eager" that also counts the dtypes of the matmuls and convolutions in the compiled forward and
+    backward graphs: {(op name, dtype): count}, what the compiled step really runs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.convolution.default}
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in ops:
+                seen[(node.target.__name__, node.meta["val"].dtype)] += 1
+        return make_boxed_func(gm.forward)
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
 def test_bf16_step_close_to_fp32_and_keeps_fp32_master_weights():
+    import collections
+
     model = randomize_(tiny_eqm(depth=1), std=0.1)
     ref_model = copy.deepcopy(model)
-    fast = TrainStep(model, make_optimizer(model, lr=1e-3), precision="bf16", backend="aot_eager")
+    seen = collections.Counter()
+    fast = TrainStep(model, make_optimizer(model, lr=1e-3), precision="bf16", backend=matmul_dtypes_backend(seen))
     ref = TrainStep(ref_model, make_optimizer(ref_model, lr=1e-3), precision="fp32", compile=False)
     losses, ref_losses = run_steps(fast, 1), run_steps(ref, 1)
     torch.testing.assert_close(losses, ref_losses, rtol=2e-2, atol=0)
+    # autocast really ran: every Linear and the patch convolution, forward and backward, in bf16
+    assert seen and {dtype for _, dtype in seen} == {torch.bfloat16}, seen
+    assert seen[("addmm.default", torch.bfloat16)] >= 9  # the Linears' forwards (qkv, proj, fc1, fc2, ...)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # stepped and zeroed
     assert all(s["exp_avg"].dtype == torch.float32 for s in fast.opt.state.values())
 
 

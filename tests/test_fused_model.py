@@ -1,4 +1,4 @@
-"""EqM(fused=True) against the reference path (Triton interpreter on CPU): fp32, bf16 autocast, EqM-E, compile.
+"""EqM with the Triton ops (use_execution(model, "triton")) against the reference path (Triton interpreter on CPU): fp32, bf16 autocast, EqM-E, compile.
 
 Tolerance rule (as for the kernels): |fused - fp64 reference| <= 2 x |reference - fp64 reference| in the same
 dtype + about one ulp of the largest value. The fp64 reference is the same model in float64 (kernels/ take
@@ -11,7 +11,8 @@ import torch
 
 from eqm.objective import eqm_training_losses
 from eqm_kernels._testing import assert_matches, print_errors
-from model_helpers import randomize_, tiny_eqm
+from eqm.execution import use_execution
+from model_helpers import count_triton_launches, randomize_, tiny_eqm
 
 # Head dim 16 with two blocks (the cross-block fusion), and head dim 72 (EqM-XL's) with one block.
 CONFIGS = {"h32-depth2": dict(hidden_size=32, num_heads=2, depth=2),
@@ -28,8 +29,7 @@ def _report(request):
 def _models(seed=0, **kwargs):
     """(fused fp32, reference fp32, reference fp64) copies of one randomly initialised tiny EqM."""
     ref = randomize_(tiny_eqm(**kwargs), seed=seed, std=0.1).eval()
-    fused = copy.deepcopy(ref)
-    fused.fused = True
+    fused = use_execution(copy.deepcopy(ref), "triton")
     return fused, ref, copy.deepcopy(ref).double()
 
 
@@ -50,7 +50,11 @@ def test_fused_model_matches_fp64_reference(cfg, autocast):
     torch.manual_seed(0)
     x, cotangent = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     fused_m, ref_m, ref64_m = _models(**CONFIGS[cfg])
-    fused = _forward_backward(fused_m, x, cotangent, autocast)
+    with count_triton_launches() as launches:
+        fused = _forward_backward(fused_m, x, cotangent, autocast)
+    depth = CONFIGS[cfg]["depth"]
+    assert launches == {"adaln.forward": 1 + 2 * depth, "attention.forward": depth,
+                        "adaln.backward": 1 + 2 * depth, "attention.backward": depth}
     ref = _forward_backward(ref_m, x, cotangent, autocast)
     ref64 = _forward_backward(ref64_m, x, cotangent)
     dtype = torch.bfloat16 if autocast else torch.float32
@@ -68,7 +72,7 @@ def test_state_dict_and_switch_unchanged():
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         out_fused = fused(x, None, Y)
-        fused.fused = False  # switched at run time: exactly the reference again
+        use_execution(fused, "reference")  # switched at run time: exactly the reference again
         assert torch.equal(fused(x, None, Y), ref(x, None, Y))
     assert not torch.equal(out_fused, ref(x, None, Y).detach())  # the fused path really ran other code
 
@@ -83,15 +87,20 @@ def _ebm_training_grads(model, x1, x0, t, **kwargs):
 
 
 @pytest.mark.parametrize("ebm", ["dot", "l2"])
-def test_ebm_training_step_same_gradients_when_fused(ebm):
-    """loss.backward() through grad_x E (double backward): fused model + fused objective == reference, fp32."""
+def test_ebm_training_step_with_triton_ops_same_gradients(ebm):
+    """loss.backward() through grad_x E (double backward) of an EqM-E with ops="triton" == reference, fp32.
+
+    What runs in Triton there: the objective's interpolation and loss (forward and backward, counted). The head
+    keeps the reference ops by design (its output is a torch.func.grad, which custom ops cannot join): no
+    adaLN or attention kernel may launch."""
     torch.manual_seed(0)
     x1, x0, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.9])
     ref = randomize_(tiny_eqm(ebm=ebm), std=0.1).train()
-    fused = copy.deepcopy(ref)
-    fused.fused = True
+    fused = use_execution(copy.deepcopy(ref), "triton")
     terms_r, grads_r = _ebm_training_grads(ref, x1, x0, t, return_act=True)  # with the dispersive loss
-    terms_f, grads_f = _ebm_training_grads(fused, x1, x0, t, return_act=True)
+    with count_triton_launches() as launches:
+        terms_f, grads_f = _ebm_training_grads(fused, x1, x0, t, return_act=True)
+    assert launches == {"eqm_loss.interpolate": 1, "eqm_loss.loss_forward": 1, "eqm_loss.loss_backward": 1}
     assert "disp_loss" in terms_f
     torch.testing.assert_close(terms_f["loss"], terms_r["loss"], rtol=1e-5, atol=1e-6)
     assert grads_r["blocks.0.attn.qkv.weight"].abs().sum() > 0  # reached through the second derivative
@@ -110,14 +119,19 @@ def compiled_fused_step():
     results = []
     for m in (compiled, model):
         model.zero_grad()
-        out = m(x, None, Y)
-        (out * cotangent).sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        with count_triton_launches() as launches:
+            out = m(x, None, Y)
+            (out * cotangent).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                        launches))
     return results
 
 
 def test_compiled_fused_model_forward_backward_matches_eager(compiled_fused_step):
-    (out_c, grads_c), (out_e, grads_e) = compiled_fused_step
+    (out_c, grads_c, launches_c), (out_e, grads_e, launches_e) = compiled_fused_step
+    # the compiled graph calls the same Triton kernels (depth 1: adaLN + one fused residual+adaLN per block)
+    assert launches_c == launches_e == {"adaln.forward": 3, "attention.forward": 1, "adaln.backward": 3,
+                                        "attention.backward": 1}
     assert out_e.abs().max() > 0.1
     torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
     for name, g in grads_e.items():

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from eqm.objective import dispersive_loss, eqm_interpolate, eqm_target_scale, eqm_training_losses
-from model_helpers import randomize_, tiny_eqm
+from eqm.execution import model_ops, use_execution
+from model_helpers import count_triton_launches, randomize_, tiny_eqm
 
 
 def test_target_scale_values():
@@ -22,12 +23,13 @@ def test_truncated_cosine_target_scale():
         eqm_target_scale(t, lam=0.0)
     with pytest.raises(ValueError, match="shape"):
         eqm_target_scale(t, shape="step")
-    # the loss uses it: the target scales with the chosen c(t), and a fused model falls back to the plain path
+    # the loss uses it: the target scales with the chosen c(t); the Triton loss implements the published c(t)
+    # only, so with ops="triton" this shape is computed in PyTorch
     x1, x0, tt = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), torch.tensor([0.9, 0.95])
-    model = FakeModel()
-    model.fused = True
-    out = eqm_training_losses(model, x1, dict(y=torch.zeros(2, dtype=torch.long)), noise=x0, t=tt,
-                              lam=2.0, ct_shape="truncated-cosine")
+    with count_triton_launches() as launches:
+        out = eqm_training_losses(FakeModel(), x1, dict(y=torch.zeros(2, dtype=torch.long)), noise=x0, t=tt,
+                                  lam=2.0, ct_shape="truncated-cosine", ops="triton")
+    assert sum(launches.values()) == 0
     torch.testing.assert_close(out["target"][:, 0, 0, 0], 2.0 * torch.tensor([0.5, (1 - half) / 2]))
 
 
@@ -113,11 +115,14 @@ def test_fused_objective_matches_reference(disp):
     model = randomize_(tiny_eqm(depth=1), std=0.1).eval()
     kw = dict(y=torch.tensor([0, 1, 2]), return_act=disp)
     results = []
-    for fused in (False, True):
+    for ops in ("reference", "triton"):
         model.zero_grad()
-        terms = eqm_training_losses(model, x1, kw, a=0.7, lam=3.0, noise=x0, t=t, fused=fused)
-        terms["loss"].mean().backward()
+        with count_triton_launches() as launches:
+            terms = eqm_training_losses(model, x1, kw, a=0.7, lam=3.0, noise=x0, t=t, ops=ops)
+            terms["loss"].mean().backward()
         results.append((terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        expected = {"eqm_loss.interpolate": 1, "eqm_loss.loss_forward": 1, "eqm_loss.loss_backward": 1}
+        assert launches == (expected if ops == "triton" else {})  # the model itself runs the reference ops
     (ref, ref_grads), (fused, fused_grads) = results
     assert ("disp_loss" in fused) == disp
     for key in ("loss", "pred", "target"):
@@ -127,7 +132,7 @@ def test_fused_objective_matches_reference(disp):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-def test_fused_objective_follows_model_fused(monkeypatch):
+def test_fused_objective_follows_model_ops(monkeypatch):
     import eqm_kernels as kernels
     calls = []
     monkeypatch.setattr(kernels, "eqm_loss", lambda *a, **k: calls.append(1) or kernels.eqm_loss_reference(*a, **k))
@@ -135,10 +140,13 @@ def test_fused_objective_follows_model_fused(monkeypatch):
     x1, kw = torch.randn(2, 4, 8, 8), dict(y=torch.tensor([0, 1]))
     eqm_training_losses(model, x1, kw)
     assert calls == []
-    model.fused = True
+    use_execution(model, "triton")
     eqm_training_losses(model, x1, kw)
     assert calls == [1]
-    eqm_training_losses(model, x1, kw, fused=False)  # an explicit argument wins
+    eqm_training_losses(model, x1, kw, ops="reference")  # an explicit argument wins
     assert calls == [1]
+    assert model_ops(torch.compile(model)) == "triton"  # wrappers are looked through (DDP too)
+    with pytest.raises(ValueError, match="ops must be"):
+        eqm_training_losses(model, x1, kw, ops="fused")
     with pytest.raises(ValueError, match="a must"):
         eqm_training_losses(model, x1, kw, a=1.0)
