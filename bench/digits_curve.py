@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from eqm.execution import PRECISION_CHOICES, resolve_precision
 from eqm import digits_eval, runtime
 from eqm.datasets import load_digits_tensor
 from eqm.fast import EMA, TrainStep, make_optimizer
@@ -39,7 +40,7 @@ def get_parser():
     p.add_argument("--samples", type=int, default=200, help="samples per evaluation and CFG scale (class-balanced)")
     p.add_argument("--sample-steps", type=int, default=250)
     p.add_argument("--stepsize", type=float, default=SAMPLE_DEFAULTS["stepsize"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     p.add_argument("--threads", type=int, default=None, help="default: chosen by eqm.runtime")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +65,7 @@ def evaluate(model, n, steps, stepsize, cfg_scale, precision, seed=0):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
-    precision = runtime.resolve_precision(args.precision, "cpu")
+    precision = resolve_precision(args.precision, "cpu")
     x_all, y_all = load_digits_tensor()
     model = EqM_models[args.model](input_size=8, in_channels=1, num_classes=10)
     threads = runtime.configure_threads(model, args.batch_size, args.threads)

@@ -3,10 +3,11 @@
     python bench/throughput.py                                    # small CPU default, a few minutes
     python bench/throughput.py --model EqM-XL/2 --batch-size 256  # the headline table on a GPU
 
-reference: eager fp32 (TF32 on CUDA, as the published code sets), fused=False, torch AdamW, a per-parameter
+reference: eager fp32 (TF32 on CUDA, as the published code sets), the reference ops, torch AdamW, a per-parameter
     EMA and eqm.samplers.sample: the published code's way of running.
-fast: eqm.fast.TrainStep (torch.compile fullgraph, bf16 autocast over fp32 weights, fused AdamW on CUDA,
-    foreach EMA, fused kernels on CUDA) and eqm.graph_sampler (static buffers, compiled step, CUDA graph).
+fast: eqm.fast.TrainStep and eqm.sampling.Engine under one eqm.execution.Execution (torch.compile fullgraph,
+    bf16 autocast over fp32 weights, Triton ops on CUDA), fused AdamW on CUDA, foreach EMA, static buffers and
+    CUDA graphs.
     On CPU: static buffers, bf16 where eqm.runtime's sub-second matmul probe finds it clearly faster than
     fp32 (avx512_bf16 / AMX CPUs; never on AVX2-only ones), kernels off (they would run the Triton interpreter),
     and compile only with --compile on: a cold CPU compile takes minutes and gains ~1.1x, so it does not pay
@@ -22,6 +23,7 @@ Timings exclude warm-up (compilation, CUDA graph capture), which the setup colum
 """
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -32,8 +34,9 @@ from tqdm.auto import tqdm
 
 from eqm import validate as V, vae as vae_lib
 from eqm.distributed import resolve_device
+from eqm.execution import PRECISION_CHOICES, Execution, resolve_execution, set_precision, use_execution
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
-                      set_precision, train_flops_per_image)
+                      train_flops_per_image)
 from eqm import runtime
 from eqm.graph_sampler import GraphSampler
 from eqm.models import EqM_models
@@ -162,19 +165,21 @@ class Path:
     """One way of running EqM (reference, fast, or a step in between) on its own copy of the model.
 
     Building it compiles and captures everything (warm-up), so the timing calls measure steady state.
-    kind "reference": eager fp32/TF32 as published; "fast": TrainStep + GraphSampler with these pieces.
+    kind "reference": eager fp32/TF32 as published; "fast": TrainStep + GraphSampler running `execution`
+    (an eqm.execution.Execution: ops, compile, precision).
     """
 
-    def __init__(self, name, base_model, args, device, kind, precision="fp32", compile=False, fused=False,
-                 cuda_graph=False, cfg=True):
+    def __init__(self, name, base_model, args, device, kind, execution=Execution(), cuda_graph=False, cfg=True):
         self.name, self.args, self.device, self.kind = name, args, device, kind
         self.train_times, self.sample_times = [], {False: [], True: []}
-        self.precision = precision
+        if kind == "reference":
+            execution = Execution("reference", False, "tf32")  # as published: eager, TF32 for fp32 matmuls
+        self.execution, self.precision = execution, execution.precision
+        precision, compile = execution.precision, execution.compile
         t_setup = time.perf_counter()
         mem = PeakMemory(device)
         mem.reset()
-        m = self.model = copy.deepcopy(base_model).eval()  # eval throughout: the train step passes train=True
-        m.fused = fused
+        m = self.model = use_execution(copy.deepcopy(base_model).eval(), execution)  # eval: train=True is passed
         shape = (m.in_channels, m.input_size, m.input_size)
 
         def build_train(b):
@@ -183,7 +188,7 @@ class Path:
                 ema = copy.deepcopy(m).requires_grad_(False)
                 step = reference_train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0), ema)
             else:
-                step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), precision=precision, compile=compile)
+                step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), execution=execution)
             for _ in tqdm(range(args.warmup), desc=f"{name}: train warm-up", leave=False):
                 self._set_precision()
                 step(x1, y)
@@ -215,7 +220,7 @@ class Path:
         self.setup_s = time.perf_counter() - t_setup
 
     def _set_precision(self):
-        set_precision("tf32" if self.kind == "reference" else self.precision, self.device)
+        set_precision(self.precision, self.device)
 
     def time_round(self):
         """Time args.train_iters training steps and one sampling run per setting."""
@@ -253,13 +258,14 @@ def get_parser():
     p.add_argument("--rounds", type=int, default=None,
                    help="timing rounds, paths in alternating order (default 1 CUDA, 3 CPU); medians")
     p.add_argument("--graph-block", type=int, default=10, help="sampling steps per captured CUDA graph")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="fast path: auto = bf16 where a sub-second matmul probe finds it clearly faster")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="fast path torch.compile (auto: on with CUDA; on CPU it costs minutes cold and gains ~1.1x)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every path (default: probed for this model, 1 or all cores)")
-    p.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fast path kernels (auto: CUDA)")
+    p.add_argument("--fused", default="auto", choices=["auto", "on", "off"],
+                   help="fast path Triton ops (auto: on with CUDA; on CPU only under TRITON_INTERPRET=1)")
     p.add_argument("--breakdown", action="store_true",
                    help="also measure the pieces one at a time (+compile, +bf16, +fused; the CUDA graph is the "
                         "rest): more compiles")
@@ -302,7 +308,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     device = resolve(args)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        print("note: TRITON_INTERPRET=1 is set; fused kernels would run in the interpreter (slow)")
+        print("note: TRITON_INTERPRET=1 is set; --fused on would run the Triton ops in the interpreter (slow)")
     torch.manual_seed(args.seed)
     gpu = device.type == "cuda"
 
@@ -310,10 +316,14 @@ def main(argv=None):
     model = EqM_models[args.model](input_size=latent, num_classes=1000).to(device)
     threads = runtime.configure_threads(model, args.batch_size, args.threads, device)
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU ({threads} of {os.cpu_count()} threads)"
-    precision = runtime.resolve_precision(args.precision, device)
+    try:
+        execution = resolve_execution(device, ops={"on": "triton", "off": "reference"}.get(args.fused, "auto"),
+                                      compile={"on": True, "off": False}.get(args.compile, "auto"),
+                                      precision=args.precision)
+    except ValueError as e:
+        raise SystemExit(f"throughput: error: {e}") from None
+    precision, compile, fused = execution.precision, execution.compile, execution.ops == "triton"
     print(f"precision {precision}: {runtime.precision_reason(device)}")
-    fused = gpu if args.fused == "auto" else args.fused == "on"
-    compile = gpu if args.compile == "auto" else args.compile == "on"
     pieces = {"compile": compile, "precision": precision, "fused_kernels": fused, "cuda_graph": gpu,
               "static_buffers": True, "optimizer": "fused AdamW" if gpu else "foreach AdamW", "ema": "foreach lerp"}
     # matmul peaks (for utilisation) only in the dtypes the paths compute in: bf16 can be 75x slower on AVX2
@@ -336,19 +346,17 @@ def main(argv=None):
     print("fast path pieces: " + ", ".join(f"{k}={v}" for k, v in pieces.items()))
 
     paths = [("reference", dict(kind="reference")),
-             ("fast", dict(kind="fast", precision=precision, compile=compile, fused=fused, cuda_graph=gpu))]
+             ("fast", dict(kind="fast", execution=execution, cuda_graph=gpu))]
     if args.breakdown:  # the pieces one at a time, between the two (uncond sampling only)
-        on = dict(kind="fast", precision="fp32", compile=False, fused=False, cuda_graph=False, cfg=False)
-        steps = [("+static buffers (fp32)", dict(on))]
+        on = Execution("reference", False, "fp32")
+        steps = [("+static buffers (fp32)", on)]
         if compile:
-            on["compile"] = True
-            steps.append(("+compile", dict(on)))
+            steps.append(("+compile", on := dataclasses.replace(on, compile=True)))
         if precision == "bf16":
-            on["precision"] = "bf16"
-            steps.append(("+bf16", dict(on)))
+            steps.append(("+bf16", on := dataclasses.replace(on, precision="bf16")))
         if fused:
-            on["fused"] = True
-            steps.append(("+fused", dict(on)))
+            steps.append(("+fused", on := dataclasses.replace(on, ops="triton")))
+        steps = [(n, dict(kind="fast", execution=ex, cuda_graph=False, cfg=False)) for n, ex in steps]
         fast_kw = dict(paths[1][1], cfg=False)
         paths[1:1] = [(n, kw) for n, kw in steps if kw != fast_kw]  # a step equal to the fast path is the fast path
     built = [Path(name, model, args, device, **kw) for name, kw in tqdm(paths, desc="compile + warm-up")]
@@ -367,7 +375,7 @@ def main(argv=None):
     for path in built:
         res = path.results()
         tflops = res["train_img_s"] * train_flops / 1e12
-        peak = peaks[path.precision]
+        peak = peaks.get(path.precision, peaks["fp32"])  # tf32: the fp32/TF32 peak
         res.update(tflops=tflops, mfu=tflops / peak, peak_tflops=peak, peak_mem_gb=path.peak_mem_gb,
                    train_batch=path.train_batch, sample_batch=path.sample_batch)
         res["sample_tflops"] = res["sample_img_s"] * s_flops / 1e12

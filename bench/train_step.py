@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from eqm.execution import PRECISION_CHOICES, resolve_execution
 from eqm import validate as V
 from eqm.models import EqM_models
 from eqm.distributed import resolve_device
@@ -25,7 +26,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="auto: bf16 where a probe finds it faster on this machine (eqm.runtime), else fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the forward + loss, as eqm-train --compile")
@@ -44,8 +45,8 @@ def main(argv=None):
     model = EqM_models[args.model](input_size=args.input_size, in_channels=args.channels,
                                    num_classes=args.num_classes).to(device).train()
     opt = make_optimizer(model, lr=1e-4)
-    step_fn = TrainStep(model, opt, ema=EMA(model), ema_decay=0.9999, precision=args.precision,
-                        compile=args.compile)
+    execution = resolve_execution(device, ops="reference", compile=args.compile, precision=args.precision)
+    step_fn = TrainStep(model, opt, ema=EMA(model), ema_decay=0.9999, execution=execution)
     x = torch.randn(args.batch_size, args.channels, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
 

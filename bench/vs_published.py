@@ -19,6 +19,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from eqm.execution import PRECISION_CHOICES, Execution, resolve_precision
 from eqm import runtime
 from eqm.fast import EMA, TrainStep, make_optimizer
 from eqm.graph_sampler import GraphSampler
@@ -58,10 +59,11 @@ def published_sample(model, z, y, steps, stepsize, mu, cfg_scale):
 
 def fast_work(model, x, y, xs, ys, precision, compiled, steps, cfg_scale):
     """{"train": one TrainStep call on (x, y), "sample": one NAG-GD GraphSampler run on (xs, ys)} for model."""
-    step = TrainStep(model, make_optimizer(model, lr=1e-4), ema=EMA(model), precision=precision, compile=compiled)
+    execution = Execution("reference", bool(compiled), precision)
+    step = TrainStep(model, make_optimizer(model, lr=1e-4), ema=EMA(model), execution=execution)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     sampler = GraphSampler(ema, xs.shape, "cpu", sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=cfg_scale,
-                           precision=precision, compile=compiled)
+                           precision=execution.precision, compile=execution.compile)
     return {"train": lambda: step(x, y), "sample": lambda: sampler.run(xs, ys, steps=steps)}
 
 
@@ -139,7 +141,7 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--train-iters", type=int, default=5, help="timed training steps per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the fast path (costs minutes cold on CPU; the compile cache makes reruns quick)")
     p.add_argument("--profile-rows", type=int, default=8)
@@ -150,7 +152,7 @@ def main(argv=None):
         models, transport_mod, note = import_published(args.published)
     except FileNotFoundError as e:
         raise SystemExit(f"vs_published: error: {e}") from None
-    precision = runtime.resolve_precision(args.precision, "cpu")
+    precision = resolve_precision(args.precision, "cpu")
     depth, hidden, heads, patch = EqM_configs[args.model]
     pub = models.EqM(input_size=args.input_size, patch_size=patch, in_channels=4, hidden_size=hidden, depth=depth,
                      num_heads=heads, num_classes=1000)

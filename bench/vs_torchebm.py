@@ -17,6 +17,7 @@ import argparse
 import torch
 import torch.nn as nn
 
+from eqm.execution import PRECISION_CHOICES, resolve_precision
 from eqm import runtime
 from eqm.models import EqM_configs, EqM_models
 from eqm_bench.vs_published import compare, fast_work
@@ -119,7 +120,7 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.5)
     p.add_argument("--train-iters", type=int, default=5, help="timed training steps per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="ours only")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="ours only")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the fast path (costs minutes cold on CPU; the compile cache makes reruns quick)")
     p.add_argument("--profile-rows", type=int, default=8)
@@ -127,7 +128,7 @@ def main(argv=None):
     torchebm = import_torchebm()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    precision = runtime.resolve_precision(args.precision, "cpu")
+    precision = resolve_precision(args.precision, "cpu")
     ours = EqM_models[args.model](input_size=args.input_size, num_classes=1000)
     twin = torchebm_twin(ours, args.model, args.input_size)
     x = torch.randn(args.batch_size, 4, args.input_size, args.input_size)

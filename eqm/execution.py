@@ -101,7 +101,7 @@ def resolve_precision(precision, device):
 
 
 def resolve_execution(device, ops="auto", compile="auto", precision="auto"):
-    """The one execution choice for `device`; each field "auto" or explicit (see resolve_ops / _compile / _precision)."""
+    """The one execution choice for `device`; each field "auto" or explicit (resolve_ops, _compile, _precision)."""
     return Execution(resolve_ops(ops, device), resolve_compile(compile, device), resolve_precision(precision, device))
 
 

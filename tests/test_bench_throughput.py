@@ -8,6 +8,7 @@ import argparse
 import pytest
 import torch
 
+from eqm.execution import Execution
 from eqm.models import EqM_models
 from eqm_bench.throughput import Path
 
@@ -18,7 +19,8 @@ ARGS = argparse.Namespace(batch_size=64 if GPU else 4, sample_batch_size=64 if G
 # On CPU the fast path runs eagerly in fp32 (a compile costs minutes here); on a GPU it is the full fast path.
 PATHS = {
     "reference": dict(kind="reference"),
-    "fast": dict(kind="fast", precision="bf16" if GPU else "fp32", compile=GPU, fused=GPU, cuda_graph=GPU),
+    "fast": dict(kind="fast", execution=Execution("triton" if GPU else "reference", GPU, "bf16" if GPU else "fp32"),
+                 cuda_graph=GPU),
 }
 
 

@@ -1,4 +1,5 @@
-"""EqM with the Triton ops (use_execution(model, "triton")) against the reference path (Triton interpreter on CPU): fp32, bf16 autocast, EqM-E, compile.
+"""EqM with the Triton ops (use_execution(model, "triton")) against the reference path (Triton interpreter on
+CPU): fp32, bf16 autocast, EqM-E, compile.
 
 Tolerance rule (as for the kernels): |fused - fp64 reference| <= 2 x |reference - fp64 reference| in the same
 dtype + about one ulp of the largest value. The fp64 reference is the same model in float64 (kernels/ take

@@ -346,7 +346,8 @@ def test_execution_resolution(monkeypatch):
 
     cpu = ex.resolve_execution("cpu", precision="fp32")
     assert cpu == ex.Execution(ops="reference", compile=False, precision="fp32")
-    assert ex.resolve_execution("cpu", ops="triton", compile=True, precision="bf16") == ex.Execution("triton", True, "bf16")
+    explicit = ex.resolve_execution("cpu", ops="triton", compile=True, precision="bf16")
+    assert explicit == ex.Execution("triton", True, "bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
         ex.resolve_execution("cpu", precision="fp16")
     with pytest.raises(ValueError, match="ops must be"):
