@@ -4,7 +4,7 @@
     python bench/throughput.py --model EqM-XL/2 --batch-size 256  # the headline table on a GPU
 
 reference: eager fp32 (TF32 on CUDA, as the published code sets), the reference ops, torch AdamW, a per-parameter
-    EMA and eqm.samplers.sample: the published code's way of running.
+    EMA and eqm.sampling.sample (eager): the published code's way of running.
 fast: eqm.fast.TrainStep and eqm.sampling.Engine under one eqm.execution.Execution (torch.compile fullgraph,
     bf16 autocast over fp32 weights, Triton ops on CUDA), fused AdamW on CUDA, foreach EMA, static buffers and
     CUDA graphs.
@@ -38,10 +38,9 @@ from eqm.execution import PRECISION_CHOICES, Execution, resolve_execution, set_p
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
                       train_flops_per_image)
 from eqm import runtime
-from eqm.graph_sampler import GraphSampler
 from eqm.models import EqM_models
 from eqm.objective import eqm_training_losses
-from eqm.samplers import sample
+from eqm.sampling import Engine, sample
 
 
 def sync(device):
@@ -165,7 +164,7 @@ class Path:
     """One way of running EqM (reference, fast, or a step in between) on its own copy of the model.
 
     Building it compiles and captures everything (warm-up), so the timing calls measure steady state.
-    kind "reference": eager fp32/TF32 as published; "fast": TrainStep + GraphSampler running `execution`
+    kind "reference": eager fp32/TF32 as published; "fast": TrainStep + sampling Engine running `execution`
     (an eqm.execution.Execution: ops, compile, precision).
     """
 
@@ -204,8 +203,8 @@ class Path:
                 self._set_precision()
                 sample(m, x, y, steps=2, **kw)
             else:
-                sampler = GraphSampler(m, x.shape, device, precision=precision, compile=compile,
-                                       cuda_graph=cuda_graph, block=args.graph_block, **kw)
+                sampler = Engine(m, x.shape, device, precision=precision, compile=compile,
+                                 cuda_graph=cuda_graph, block=args.graph_block, **kw)
                 self._set_precision()
                 sampler.prepare(args.sample_steps)  # compile; on CUDA capture the graphs
                 sampler.run(x, y, steps=2)

@@ -5,7 +5,7 @@
 Both run one thread, in interleaved rounds (ABAB...), and report medians and their ratio. Training: the
 published step (transport.training_losses, AdamW, update_ema, fp32) against eqm.fast.TrainStep (precision
 "auto", foreach AdamW and EMA; --compile to compile it). Sampling: the published sample_gd.py loop
-(NAG-GD, forward_with_cfg) against eqm.graph_sampler (static buffers, same precision). Then one step of each
+(NAG-GD, forward_with_cfg) against eqm.sampling.Engine (static buffers, same precision). Then one step of each
 is profiled (torch.profiler) and the ops taking the most time are listed, so the table says where time goes.
 The published model needs timm's PatchEmbed, Attention and Mlp; where timm cannot be imported (it needs
 torchvision), small equivalents of those three layers stand in for it, and the output says so.
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from eqm.execution import PRECISION_CHOICES, Execution, resolve_precision
 from eqm import runtime
 from eqm.fast import EMA, TrainStep, make_optimizer
-from eqm.graph_sampler import GraphSampler
+from eqm.sampling import Engine
 from eqm.models import EqM_configs, EqM_models
 from eqm.published import import_published
 from eqm_bench.throughput import reference_train_step
@@ -58,12 +58,12 @@ def published_sample(model, z, y, steps, stepsize, mu, cfg_scale):
 
 
 def fast_work(model, x, y, xs, ys, precision, compiled, steps, cfg_scale):
-    """{"train": one TrainStep call on (x, y), "sample": one NAG-GD GraphSampler run on (xs, ys)} for model."""
+    """{"train": one TrainStep call on (x, y), "sample": one NAG-GD sampling Engine run on (xs, ys)} for model."""
     execution = Execution("reference", bool(compiled), precision)
     step = TrainStep(model, make_optimizer(model, lr=1e-4), ema=EMA(model), execution=execution)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    sampler = GraphSampler(ema, xs.shape, "cpu", sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=cfg_scale,
-                           precision=execution.precision, compile=execution.compile)
+    sampler = Engine(ema, xs.shape, "cpu", sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=cfg_scale,
+                     precision=execution.precision, compile=execution.compile)
     return {"train": lambda: step(x, y), "sample": lambda: sampler.run(xs, ys, steps=steps)}
 
 

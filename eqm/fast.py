@@ -1,5 +1,6 @@
-"""The fast training path: one compiled step (forward + loss), bf16 autocast over fp32 master weights,
-fused AdamW, a multi-tensor EMA, and the analytic FLOP count the benchmarks report utilisation with.
+"""The training step, run as an eqm.execution.Execution says: one compiled step (forward + loss), bf16 autocast
+over fp32 master weights, fused AdamW, a multi-tensor EMA; and the training / sampling FLOP counts the benchmarks
+report utilisation with (from eqm.models.forward_flops).
 
 Compile the step, not the world: only `loss(x1, y, noise, t)` is compiled (fullgraph=True, so a graph
 break is an error, not a silent slowdown); the optimizer step and the EMA stay plain multi-tensor ops.

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
+from eqm.execution import Execution
 from eqm.fast import EMA, TrainStep, forward_flops_per_image, make_optimizer
 from eqm import models
 from eqm.models import EqM_models
@@ -110,6 +111,16 @@ def test_train_step_rejects_ddp_wrapped_model():
     fake_ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
     with pytest.raises(ValueError, match="ddp=True"):
         TrainStep(fake_ddp, make_optimizer(model), compile=False)
+
+
+def test_train_step_takes_the_execution():
+    """An Execution replaces the precision / compile keywords; its ops must be the model's (set once, before)."""
+    model = tiny_eqm(depth=1)
+    step = TrainStep(model, make_optimizer(model), execution=Execution("reference", False, "tf32"), precision="bf16")
+    assert step.precision == "tf32" and step.execution.ops == "reference"
+    assert not isinstance(step.loss_fn, torch._dynamo.eval_frame.OptimizedModule)  # compile=False was taken
+    with pytest.raises(ValueError, match="use_execution"):
+        TrainStep(model, make_optimizer(model), execution=Execution("triton", False, "fp32"))
 
 
 def test_ema_and_optimizer_choice():

@@ -215,6 +215,8 @@ def test_triton_switch_matches_reference():
     assert torch.equal(model(x, None, y), ref)
     with pytest.raises(ValueError, match="ops must be one of"):
         use_execution(model, "fused")
+    with pytest.raises(AttributeError):
+        model.ops = "triton"  # read-only: use_execution is the one setter
 
 
 @pytest.mark.parametrize("kwargs, x_shape, y, match", [

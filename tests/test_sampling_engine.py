@@ -163,6 +163,10 @@ def test_step_size_schedules(schedule):
     torch.testing.assert_close(out, m + math.prod(1 - eta * s for s in factors) * (x0 - m))
     with pytest.raises(ValueError, match="schedule"):
         sample(Bowl(m), x0, None, steps=3, schedule="exp")
+    # the one precision vocabulary: tf32 is fp32 tensors (no autocast); other names are refused
+    torch.testing.assert_close(sample(Bowl(m), x0, None, steps=3, precision="tf32"), sample(Bowl(m), x0, None, steps=3))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        sample(Bowl(m), x0, None, steps=3, precision="fp16")
 
 
 @pytest.mark.parametrize("sampler", ["gd", "adam", "ode"])
