@@ -10,6 +10,7 @@ import math
 import torch
 
 from eqm.execution import model_ops
+from eqm_kernels.reference import batch_view, eqm_interpolate_reference, eqm_target_scale_reference
 
 CT_SHAPES = ("truncated-linear", "truncated-cosine")
 
@@ -32,21 +33,15 @@ def eqm_target_scale(t, a=0.8, lam=4.0, shape="truncated-linear"):
     """c(t): lam up to t = a, then down to 0 at t = 1, linearly (published) or along a half cosine."""
     check_ct(a, lam, shape)
     if shape == "truncated-linear":
-        return lam * torch.clamp((1 - t) / (1 - a), max=1.0)
+        return eqm_target_scale_reference(t, a, lam)  # the formula the Triton loss implements, in one place
     u = torch.clamp((t - a) / (1 - a), min=0.0)
     return lam * 0.5 * (1 + torch.cos(math.pi * u))
 
 
-def _bcast(v, x):
-    """(N,) -> (N, 1, 1, ...) matching x's rank."""
-    return v.reshape(-1, *([1] * (x.dim() - 1)))
-
-
 def eqm_interpolate(x1, x0, t, a=0.8, lam=4.0, shape="truncated-linear"):
-    """(xt, target) for data x1, noise x0 and per-sample times t (N,)."""
-    tb = _bcast(t, x1).to(x1.dtype)
-    xt = tb * x1 + (1 - tb) * x0
-    target = (x1 - x0) * _bcast(eqm_target_scale(t, a, lam, shape), x1).to(x1.dtype)
+    """(xt, target) for data x1, noise x0 and per-sample times t (N,), in x1's dtype."""
+    xt = eqm_interpolate_reference(x1, x0, t.to(x1.dtype))
+    target = (x1 - x0) * batch_view(eqm_target_scale(t, a, lam, shape), x1).to(x1.dtype)
     return xt, target
 
 

@@ -40,8 +40,8 @@ def attention_reference(q, k, v, scale: Optional[float] = None):
     return torch.softmax((q * s) @ (k * s).transpose(-2, -1), dim=-1) @ v
 
 
-def _bcast(t, x):
-    """(N,) -> (N, 1, 1, ...) matching x's rank."""
+def batch_view(t, x):
+    """Per-sample values (N,) viewed as (N, 1, 1, ...) to broadcast against x."""
     return t.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
@@ -52,14 +52,14 @@ def eqm_target_scale_reference(t, a: float = 0.8, lam: float = 4.0):
 
 def eqm_loss_reference(pred, x1, x0, t, a: float = 0.8, lam: float = 4.0):
     """Per-sample mean of (pred - (x1 - x0) * c(t))^2 over all non-batch dims."""
-    target = (x1 - x0) * _bcast(eqm_target_scale_reference(t, a, lam), x1)
+    target = (x1 - x0) * batch_view(eqm_target_scale_reference(t, a, lam), x1)
     return (pred - target).pow(2).flatten(1).mean(1)
 
 
 def eqm_interpolate_reference(x1, x0, t, a: float = 0.8, lam: float = 4.0, with_target: bool = False):
     """xt = t * x1 + (1 - t) * x0, and the target (x1 - x0) * c(t) when with_target."""
-    tb = _bcast(t, x1)
+    tb = batch_view(t, x1)
     xt = tb * x1 + (1 - tb) * x0
     if not with_target:
         return xt
-    return xt, (x1 - x0) * _bcast(eqm_target_scale_reference(t, a, lam), x1)
+    return xt, (x1 - x0) * batch_view(eqm_target_scale_reference(t, a, lam), x1)
