@@ -344,20 +344,7 @@ def main(argv=None):
           f"(cfg {args.cfg_scale}); peak matmul " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()) + " TFLOP/s")
     print("fast path pieces: " + ", ".join(f"{k}={v}" for k, v in pieces.items()))
 
-    paths = [("reference", dict(kind="reference")),
-             ("fast", dict(kind="fast", execution=execution, cuda_graph=gpu))]
-    if args.breakdown:  # the pieces one at a time, between the two (uncond sampling only)
-        on = Execution("reference", False, "fp32")
-        steps = [("+static buffers (fp32)", on)]
-        if compile:
-            steps.append(("+compile", on := dataclasses.replace(on, compile=True)))
-        if precision == "bf16":
-            steps.append(("+bf16", on := dataclasses.replace(on, precision="bf16")))
-        if fused:
-            steps.append(("+fused", on := dataclasses.replace(on, ops="triton")))
-        steps = [(n, dict(kind="fast", execution=ex, cuda_graph=False, cfg=False)) for n, ex in steps]
-        fast_kw = dict(paths[1][1], cfg=False)
-        paths[1:1] = [(n, kw) for n, kw in steps if kw != fast_kw]  # a step equal to the fast path is the fast path
+    paths = path_specs(execution, gpu, args.breakdown)
     built = [Path(name, model, args, device, **kw) for name, kw in tqdm(paths, desc="compile + warm-up")]
     del model
     # Rounds in alternating order (ABBA): a shared machine slows whatever runs at that moment, not one path.
@@ -370,18 +357,7 @@ def main(argv=None):
     for key, dtype in dtypes.items():
         peaks[key] = max(peaks[key], matmul_peak_tflops(device, dtype))
     peaks[precision] = peaks.get(precision) if precision in dtypes else peaks["fp32"]
-    results = {}
-    for path in built:
-        res = path.results()
-        tflops = res["train_img_s"] * train_flops / 1e12
-        peak = peaks.get(path.precision, peaks["fp32"])  # tf32: the fp32/TF32 peak
-        res.update(tflops=tflops, mfu=tflops / peak, peak_tflops=peak, peak_mem_gb=path.peak_mem_gb,
-                   train_batch=path.train_batch, sample_batch=path.sample_batch)
-        res["sample_tflops"] = res["sample_img_s"] * s_flops / 1e12
-        res["sample_mfu"] = res["sample_tflops"] / peak
-        if "sample_cfg_img_s" in res:
-            res["sample_cfg_tflops"] = res["sample_cfg_img_s"] * s_flops_cfg / 1e12
-        results[path.name] = res
+    results = {path.name: utilisation(path, peaks, train_flops, s_flops, s_flops_cfg) for path in built}
     breakdown = None
     if args.breakdown:
         fast_label = " ".join(["fast: +static buffers", "+compile" if compile else "", "+bf16" if precision == "bf16"
@@ -410,6 +386,41 @@ def main(argv=None):
         plot(out, png)
         print(f"wrote {png}")
     return out
+
+
+def path_specs(execution, gpu, breakdown):
+    """[(name, Path keywords)]: the reference, the fast path running `execution`, and with `breakdown` the fast
+    path's pieces added one at a time between the two (uncond sampling only)."""
+    paths = [("reference", dict(kind="reference")),
+             ("fast", dict(kind="fast", execution=execution, cuda_graph=gpu))]
+    if not breakdown:
+        return paths
+    on = Execution("reference", False, "fp32")
+    steps = [("+static buffers (fp32)", on)]
+    if execution.compile:
+        steps.append(("+compile", on := dataclasses.replace(on, compile=True)))
+    if execution.precision == "bf16":
+        steps.append(("+bf16", on := dataclasses.replace(on, precision="bf16")))
+    if execution.ops == "triton":
+        steps.append(("+fused", on := dataclasses.replace(on, ops="triton")))
+    steps = [(n, dict(kind="fast", execution=ex, cuda_graph=False, cfg=False)) for n, ex in steps]
+    fast_kw = dict(paths[1][1], cfg=False)
+    paths[1:1] = [(n, kw) for n, kw in steps if kw != fast_kw]  # a step equal to the fast path is the fast path
+    return paths
+
+
+def utilisation(path, peaks, train_flops, s_flops, s_flops_cfg):
+    """A built Path's results with achieved TFLOP/s and MFU against the matmul peak of its precision."""
+    res = path.results()
+    tflops = res["train_img_s"] * train_flops / 1e12
+    peak = peaks.get(path.precision, peaks["fp32"])  # tf32: the fp32/TF32 peak
+    res.update(tflops=tflops, mfu=tflops / peak, peak_tflops=peak, peak_mem_gb=path.peak_mem_gb,
+               train_batch=path.train_batch, sample_batch=path.sample_batch)
+    res["sample_tflops"] = res["sample_img_s"] * s_flops / 1e12
+    res["sample_mfu"] = res["sample_tflops"] / peak
+    if "sample_cfg_img_s" in res:
+        res["sample_cfg_tflops"] = res["sample_cfg_img_s"] * s_flops_cfg / 1e12
+    return res
 
 
 def plot(out, path):
