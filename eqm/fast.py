@@ -16,8 +16,7 @@ from copy import deepcopy
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from eqm.execution import (PRECISIONS, Execution, autocast, model_ops, resolve_precision,  # noqa: F401 (compat)
-                           set_precision, unwrap)
+from eqm.execution import Execution, autocast, model_ops, resolve_precision, set_precision, unwrap
 from eqm.models import forward_flops
 from eqm.objective import eqm_training_losses
 
