@@ -108,7 +108,7 @@ def probe_threads(work, max_threads, reps=3):
 def configure_threads(model, batch_size, threads=None, device="cpu"):
     """Set torch's CPU thread count for running `model` at `batch_size`; returns it.
 
-    threads: an explicit count (used as is). Otherwise OMP_NUM_THREADS, when set, wins; a small model
+    model: the bare model (not DDP-wrapped). threads: an explicit count (used as is). Otherwise OMP_NUM_THREADS, when set, wins; a small model
     (a forward pass of the batch under SMALL_MODEL_GFLOP) gets the faster of 1 and all threads, timed on
     its own forward pass; a larger one keeps torch's default (all cores). CUDA runs are left alone.
     """
@@ -120,13 +120,11 @@ def configure_threads(model, batch_size, threads=None, device="cpu"):
     return _probe_model_threads(model, batch_size)
 
 
-def _probe_model_threads(model, batch_size):
-    from eqm.fast import forward_flops_per_image
-    from eqm.execution import unwrap
-
+def _probe_model_threads(m, batch_size):
+    """The faster of 1 and all threads for a bare EqM `m` (it reports its own FLOPs: no import of the model code,
+    so this module stays a leaf that eqm.execution can build on)."""
     max_threads = os.cpu_count() or 1
-    m = unwrap(model)
-    if max_threads == 1 or forward_flops_per_image(m) * batch_size / 1e9 > SMALL_MODEL_GFLOP:
+    if max_threads == 1 or m.flops_per_sample() * batch_size / 1e9 > SMALL_MODEL_GFLOP:
         torch.set_num_threads(max_threads)
         return max_threads
     param = next(m.parameters())

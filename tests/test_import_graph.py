@@ -94,9 +94,9 @@ def test_find_cycle_sees_a_deferred_import_cycle(tmp_path):
     assert find_cycle({"pkg.a": ["pkg.b"], "pkg.b": [], "pkg.c": ["pkg.a"]}) is None
 
 
-# The one cycle left to another branch of issue 13 (the execution-choice rework owns eqm/fast.py and
-# eqm/runtime.py). The test below fails as soon as it is gone, so this entry cannot outlive it: delete it then.
-PENDING = [("eqm.fast", "eqm.runtime")]
+# Cycles left to other work, as (a, b) pairs; the test below fails as soon as one is gone, so an entry cannot
+# outlive it. None left: eqm.runtime is a leaf that eqm.execution builds on.
+PENDING = []
 
 
 def test_no_import_cycles():
