@@ -46,6 +46,17 @@ def gated_residual_adaln(x, gate, y, shift, scale, triton=False):
     return gated_residual_adaln_reference(x, gate, y, shift, scale, LN_EPS)
 
 
+def _check_triton_runs(device):
+    """ops="triton" never falls back to PyTorch quietly: on a device the kernels cannot run on (a model switched
+    by the compat EqM(fused=True) / model.fused, where resolve_execution would have refused) it is an error."""
+    if not hasattr(kernels, "attention"):
+        raise RuntimeError("the model runs ops='triton' but Triton is not installed (pip install triton, Linux only): "
+                           "eqm.execution.use_execution(model, 'reference')")
+    if not (device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRET)):
+        raise RuntimeError(f"the model runs ops='triton' but the Triton kernels cannot run on {device} (CUDA, or CPU "
+                           "under TRITON_INTERPRET=1): eqm.execution.use_execution(model, 'reference')")
+
+
 def attn_core(q, k, v, triton=False, double_grad=False):
     """softmax(q k^T / sqrt(Dh)) v on (B, H, N, Dh).
 
@@ -390,6 +401,7 @@ class EqM(nn.Module):
     def _trunk_triton(self, x, c):
         """Blocks and final layer with the Triton ops; each residual add is fused with the adaLN that follows it
         (the next block's or the final layer's), so a block's output completes inside the next call."""
+        _check_triton_runs(x.device)
         act, pending = [], None
         for i, block in enumerate(self.blocks):
             x_prev, x, pending = block(x, c, triton=True, pending=pending)

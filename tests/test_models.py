@@ -366,6 +366,9 @@ def test_execution_resolution(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         ex.resolve_execution("cpu", ops="triton")
     assert ex.resolve_ops("auto", "cpu") == "reference"
+    # a model switched without resolution (the compat EqM(fused=True)) refuses to run there, never falls back
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        tiny_eqm(fused=True)(torch.randn(1, 4, 8, 8), None, torch.tensor([0]))
 
 
 def test_flops_per_sample_matches_spec_and_counts():
