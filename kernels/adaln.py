@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import INTERPRET, num_warps_for, row_block, sm_count, use_reference, use_triton
-from .reference import adaln_modulate_reference, gated_residual_adaln_reference  # noqa: F401 (re-exported)
+from .reference import adaln_modulate_reference, gated_residual_adaln_reference
 
 
 def _backward_math(x, gate, y, scale, dh, dr, eps):

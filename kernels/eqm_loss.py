@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._dispatch import INTERPRET, num_warps_for, sm_count, use_reference, use_triton
 from .reference import batch_view as _bcast
-from .reference import eqm_interpolate_reference, eqm_loss_reference, eqm_target_scale_reference  # noqa: F401
+from .reference import eqm_interpolate_reference, eqm_loss_reference, eqm_target_scale_reference
 
 
 def _dscale_dt(t, a, lam):
