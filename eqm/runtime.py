@@ -205,16 +205,7 @@ class ThreadGovernor:
 
 
 def use_compile_cache():
-    """Turn on inductor's FX-graph and AOT-autograd caches in a directory that outlives /tmp cleaning
-    ($TORCHINDUCTOR_CACHE_DIR if set, else $XDG_CACHE_HOME/eqm/torchinductor), so compiling the same model
-    again (a second run, another process) loads the generated code instead of building it: on a 2-core
-    CPU, a cold EqM-Ti/2 training-step compile took 213 s and a warm one 35 s (both on a busy machine)."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "eqm", "torchinductor")
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
+    """Compatibility name: eqm.compiling.use_compile_cache."""
+    from eqm.compiling import use_compile_cache as use
 
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    return use()
