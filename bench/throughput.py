@@ -9,8 +9,9 @@ fast: eqm.fast.TrainStep (torch.compile fullgraph, bf16 autocast over fp32 weigh
     foreach EMA, fused kernels on CUDA) and eqm.graph_sampler (static buffers, compiled step, CUDA graph).
     On CPU: static buffers, bf16 where eqm.runtime's sub-second matmul probe finds it clearly faster than
     fp32 (avx512_bf16 / AMX CPUs; never on AVX2-only ones), kernels off (they would run the Triton interpreter),
-    and compile only with --compile on: a cold CPU compile takes minutes and gains ~1.1x, so it does not pay
-    within a benchmark (the compile cache makes a repeated --compile run start in seconds).
+    and compile where it pays within the benchmark (eqm.compiling: a few timed eager steps, the steps left, and
+    the compile cost and speed-up measured on this machine before; a first, cold CPU compile takes a minute or
+    more and gains ~1.1x, so a default run stays eager). --compile on/off decides it yourself.
 Inputs are random latents of the model's input size (image_size / eqm.vae.FACTOR): the VAE is not run.
 Both training and sampling report the median over their timed runs; "setup s" is each path's build time
 (compilation included) and is not part of the throughput.
@@ -34,7 +35,7 @@ from eqm import validate as V, vae as vae_lib
 from eqm.distributed import resolve_device
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
                       set_precision, train_flops_per_image)
-from eqm import runtime
+from eqm import compiling, runtime
 from eqm.graph_sampler import GraphSampler
 from eqm.models import EqM_models
 from eqm.objective import eqm_training_losses
@@ -169,7 +170,7 @@ class Path:
                  cuda_graph=False, cfg=True):
         self.name, self.args, self.device, self.kind = name, args, device, kind
         self.train_times, self.sample_times = [], {False: [], True: []}
-        self.precision = precision
+        self.precision, self.compiled, self.reasons = precision, {}, []
         t_setup = time.perf_counter()
         mem = PeakMemory(device)
         mem.reset()
@@ -182,11 +183,18 @@ class Path:
             if kind == "reference":
                 ema = copy.deepcopy(m).requires_grad_(False)
                 step = reference_train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0), ema)
-            else:
-                step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), precision=precision, compile=compile)
+            else:  # compile "auto": timed eager steps decide whether compiling pays within this benchmark
+                step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), precision=precision, compile=False)
+                step = compiling.AutoCompile(step, step.use_compiled, device=device, compile=compile, log=self.log,
+                                             total_steps=args.warmup + args.rounds * args.train_iters,
+                                             key=compiling.compile_key("train", m, x1.shape, precision, device),
+                                             probe=max(args.warmup - 1, 1))
             for _ in tqdm(range(args.warmup), desc=f"{name}: train warm-up", leave=False):
                 self._set_precision()
                 step(x1, y)
+            while kind != "reference" and (step.deciding or step.compiled and not step.compiled_times):
+                step(x1, y)  # the decision and the compile belong to the warm-up, not to the timed steps
+            self.compiled["train"] = kind != "reference" and step.compiled
             sync(device)
             return lambda: step(x1, y)
         self.train_fn, self.train_batch = on_oom_halve(build_train, args.batch_size, f"{name} training")
@@ -199,11 +207,24 @@ class Path:
                 self._set_precision()
                 sample(m, x, y, steps=2, **kw)
             else:
-                sampler = GraphSampler(m, x.shape, device, precision=precision, compile=compile,
-                                       cuda_graph=cuda_graph, block=args.graph_block, **kw)
                 self._set_precision()
+                key = compiling.compile_key("sample-cfg" if use_cfg else "sample", m, x.shape, precision, device)
+                eager = GraphSampler(m, x.shape, device, precision=precision, compile=False, **kw)
+                on, reason, eager_s = compiling.decide_by_timing(
+                    compile, lambda: eager.run(x, y, steps=2), key=key, device=device,
+                    steps_left=(args.rounds + 1) * (args.sample_steps - 1))
+                self.log(f"sampling{' with cfg' if use_cfg else ''}: {reason}")
+                sampler = GraphSampler(m, x.shape, device, precision=precision, compile=on,
+                                       cuda_graph=cuda_graph and on, block=args.graph_block, **kw)
+                t0 = time.perf_counter()
                 sampler.prepare(args.sample_steps)  # compile; on CUDA capture the graphs
                 sampler.run(x, y, steps=2)
+                sync(device)
+                first_s = time.perf_counter() - t0
+                if on:
+                    compiling.record_compile(key, first_s, compiling.time_calls(lambda: sampler.run(x, y, steps=2), 1,
+                                                                                device), eager_s)
+                self.compiled["sample-cfg" if use_cfg else "sample"] = on
                 fn = lambda: sampler.run(x, y, steps=args.sample_steps)  # noqa: E731
             sync(device)
             return fn
@@ -213,6 +234,11 @@ class Path:
                 lambda b: build_sample(b, use_cfg), self.sample_batch or args.sample_batch_size, f"{name} sampling")
         self.peak_mem_gb = mem.gb() - mem.baseline_gb
         self.setup_s = time.perf_counter() - t_setup
+
+    def log(self, reason):
+        """Keep and print a compile decision of this path."""
+        self.reasons.append(reason)
+        tqdm.write(f"{self.name}: {reason}")
 
     def _set_precision(self):
         set_precision("tf32" if self.kind == "reference" else self.precision, self.device)
@@ -256,7 +282,8 @@ def get_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="fast path: auto = bf16 where a sub-second matmul probe finds it clearly faster")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="fast path torch.compile (auto: on with CUDA; on CPU it costs minutes cold and gains ~1.1x)")
+                   help="fast path torch.compile (auto: on with CUDA; on a CPU only where timed eager steps and the "
+                        "compile cost measured here before show it pays within the benchmark: eqm.compiling)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every path (default: probed for this model, 1 or all cores)")
     p.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fast path kernels (auto: CUDA)")
@@ -313,7 +340,8 @@ def main(argv=None):
     precision = runtime.resolve_precision(args.precision, device)
     print(f"precision {precision}: {runtime.precision_reason(device)}")
     fused = gpu if args.fused == "auto" else args.fused == "on"
-    compile = gpu if args.compile == "auto" else args.compile == "on"
+    # auto: on with CUDA (the CUDA graphs need it); on a CPU where timed eager steps show it pays (eqm.compiling)
+    compile = (True if gpu else "auto") if args.compile == "auto" else args.compile == "on"
     pieces = {"compile": compile, "precision": precision, "fused_kernels": fused, "cuda_graph": gpu,
               "static_buffers": True, "optimizer": "fused AdamW" if gpu else "foreach AdamW", "ema": "foreach lerp"}
     # matmul peaks (for utilisation) only in the dtypes the paths compute in: bf16 can be 75x slower on AVX2
@@ -340,7 +368,7 @@ def main(argv=None):
     if args.breakdown:  # the pieces one at a time, between the two (uncond sampling only)
         on = dict(kind="fast", precision="fp32", compile=False, fused=False, cuda_graph=False, cfg=False)
         steps = [("+static buffers (fp32)", dict(on))]
-        if compile:
+        if compile is True:
             on["compile"] = True
             steps.append(("+compile", dict(on)))
         if precision == "bf16":
@@ -353,6 +381,9 @@ def main(argv=None):
         paths[1:1] = [(n, kw) for n, kw in steps if kw != fast_kw]  # a step equal to the fast path is the fast path
     built = [Path(name, model, args, device, **kw) for name, kw in tqdm(paths, desc="compile + warm-up")]
     del model
+    fast_path = next(p for p in built if p.name == "fast")
+    pieces["compile"] = fast_path.compiled if compile == "auto" else compile
+    pieces["compile_reasons"] = fast_path.reasons
     # Rounds in alternating order (ABBA): a shared machine slows whatever runs at that moment, not one path.
     for r in tqdm(range(args.rounds), desc="timing rounds"):
         for path in (built if r % 2 == 0 else built[::-1]):
@@ -377,7 +408,7 @@ def main(argv=None):
         results[path.name] = res
     breakdown = None
     if args.breakdown:
-        fast_label = " ".join(["fast: +static buffers", "+compile" if compile else "", "+bf16" if precision == "bf16"
+        fast_label = " ".join(["fast: +static buffers", "+compile" if compile is True else "", "+bf16" if precision == "bf16"
                                else "", "+fused" if fused else "", "+CUDA graph" if gpu else ""]).split()
         breakdown = [{"step": " ".join(fast_label) if name == "fast" else name, "setup_s": results[name]["setup_s"],
                       "train_img_s": results[name]["train_img_s"],

@@ -239,11 +239,42 @@ class AutoCompile:
             write_record(self.key, self.cache_dir, eager_step_s=self.eager_step_s)
 
     def _record(self):
-        steady = _median(self.compiled_times[1:])
-        write_record(self.key, self.cache_dir, compile_s=max(self.compiled_times[0] - steady, 0.0),
-                     compiled_step_s=steady, eager_step_s=self.eager_step_s)
+        record_compile(self.key, self.compiled_times[0], _median(self.compiled_times[1:]), self.eager_step_s,
+                       self.cache_dir)
 
 
 def _median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2]
+
+
+def time_calls(fn, n, device="cpu"):
+    """Median seconds of n calls of fn(), after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
+def decide_by_timing(compile, eager_step, *, steps_left, key, device, probe=2, cache_dir=None):
+    """(decision, reason, eager seconds or None): should_compile for "auto" after timing `probe` calls of
+    eager_step() (one more warms up); explicit choices decide without running anything."""
+    if compile not in ("auto", None):
+        return (*should_compile(compile, device), None)
+    eager_s = time_calls(eager_step, probe, device)
+    on, reason = should_compile("auto", device, steps_left=steps_left, eager_step_s=eager_s, key=key,
+                                cache_dir=cache_dir)
+    if not on:
+        write_record(key, cache_dir, eager_step_s=eager_s)
+    return on, reason, eager_s
+
+
+def record_compile(key, first_call_s, steady_s, eager_s=None, cache_dir=None):
+    """Keep what a compiled step cost: its first call (compile included) minus a steady call is the compile."""
+    return write_record(key, cache_dir, compile_s=max(first_call_s - steady_s, 0.0), compiled_step_s=steady_s,
+                        eager_step_s=eager_s)
