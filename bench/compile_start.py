@@ -34,7 +34,7 @@ def child(args):
     torch.manual_seed(0)
     model = EqM_models[args.model](input_size=args.input_size, num_classes=1000)
     shape = (model.in_channels, args.input_size, args.input_size)
-    out = {"import_s": t_import}
+    out = {"import_s": t_import, "load_1min": os.getloadavg()[0]}
     t0 = time.perf_counter()
     if args.what == "train":
         x, y = torch.randn(args.batch_size, *shape), torch.randint(0, 1000, (args.batch_size,))
@@ -99,8 +99,9 @@ def main(argv=None):
                 for kind in ("cold", "warm"):
                     res = run_child(args, what, cache)
                     rows[what][kind].append(res)
-                    print(f"round {r} {what:<6} {kind}: wall {res['wall_s']:6.1f} s, first step {res['first_s']:6.1f} s, "
-                          f"steady step {res['step_s']:.3f} s; " +
+                    print(f"round {r} {what:<6} {kind}: wall {res['wall_s']:6.1f} s, "
+                          f"first step {res['first_s']:6.1f} s, "
+                          f"steady step {res['step_s']:.3f} s, load {res['load_1min']:.1f}; " +
                           ", ".join(f"{k} {v:.1f}" for k, v in res["phases"].items()) + f"; {res['cache']}", flush=True)
             finally:
                 shutil.rmtree(cache, ignore_errors=True)

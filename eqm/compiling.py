@@ -82,8 +82,8 @@ def compile_key(what, model, batch_shape, precision, device):
     from eqm.fast import unwrap
 
     m = unwrap(model)
-    config = ",".join(f"{k}={getattr(m, k)}" for k in ("depth", "hidden_size", "patch_size", "num_heads", "ebm", "fused")
-                      if hasattr(m, k))
+    names = ("depth", "hidden_size", "patch_size", "num_heads", "ebm", "fused")
+    config = ",".join(f"{k}={getattr(m, k)}" for k in names if hasattr(m, k))
     shape = "x".join(str(s) for s in batch_shape)
     return f"{what} | {type(m).__name__}({config}) | {shape} | {precision} | {machine_name(device)}"
 
@@ -212,7 +212,8 @@ class AutoCompile:
         self.fn, self.compiled = self.compile_now(), True
 
     def __call__(self, *args, **kwargs):
-        timing = (self.deciding and 1 <= self.calls <= self.probe) or (self.compiled and len(self.compiled_times) <= self.probe)
+        timing = ((self.deciding and 1 <= self.calls <= self.probe)
+                  or (self.compiled and len(self.compiled_times) <= self.probe))
         if timing:
             _sync(self.device)
             t0 = time.perf_counter()

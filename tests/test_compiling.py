@@ -50,12 +50,14 @@ def test_should_compile_explicit_and_without_timing():
 
 def test_auto_eager_for_a_short_run_compiled_for_a_long_one_with_a_warm_record(tmp_path):
     # no record: the conservative default (minutes of compile, 1.1x) keeps even 10k steps of 10 ms eager
-    on, reason = compiling.should_compile("auto", "cpu", steps_left=10_000, eager_step_s=0.01, key="k", cache_dir=tmp_path)
+    on, reason = compiling.should_compile("auto", "cpu", steps_left=10_000, eager_step_s=0.01, key="k",
+                                          cache_dir=tmp_path)
     assert not on and "assumed" in reason
     compiling.write_record("k", tmp_path, compile_s=5.0, compiled_step_s=0.005, eager_step_s=0.01)  # warm, 2x
     on, reason = compiling.should_compile("auto", "cpu", steps_left=100, eager_step_s=0.01, key="k", cache_dir=tmp_path)
     assert not on and "5 s measured" in reason  # 100 steps save 0.5 s < 5 s
-    on, reason = compiling.should_compile("auto", "cpu", steps_left=10_000, eager_step_s=0.01, key="k", cache_dir=tmp_path)
+    on, reason = compiling.should_compile("auto", "cpu", steps_left=10_000, eager_step_s=0.01, key="k",
+                                          cache_dir=tmp_path)
     assert on and "2.00x measured" in reason  # 10k steps save 50 s > 5 s
     # no step time now: the record's eager step time counts
     assert compiling.should_compile("auto", "cpu", steps_left=10_000, key="k", cache_dir=tmp_path)[0]
