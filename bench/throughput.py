@@ -185,7 +185,8 @@ class Path:
                 step = reference_train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0), ema)
             else:  # compile "auto": timed eager steps decide whether compiling pays within this benchmark
                 step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), precision=precision, compile=False)
-                step = compiling.AutoCompile(step, step.use_compiled, device=device, compile=compile, log=self.log,
+                step = compiling.AutoCompile(step, step.use_compiled, device=device, compile=compile,
+                                             log=lambda reason: self.log(f"training: {reason}"),
                                              total_steps=args.warmup + args.rounds * args.train_iters,
                                              key=compiling.compile_key("train", m, x1.shape, precision, device),
                                              probe=max(args.warmup - 1, 1))

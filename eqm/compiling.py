@@ -155,7 +155,7 @@ def should_compile(compile, device, *, steps_left=None, eager_step_s=None, key=N
         on = kind == "cuda"
         return on, f"compile {'on' if on else 'off'}: no step time to weigh it by (the fixed rule: on with CUDA)"
     if "compile_s" in rec:
-        compile_s, src = rec["compile_s"], f"{rec['compile_s']:.0f} s measured here"
+        compile_s, src = rec["compile_s"], f"{rec['compile_s']:.3g} s measured here"
     else:
         compile_s, src = DEFAULT_COMPILE_S[kind], f"{DEFAULT_COMPILE_S[kind]:.0f} s assumed (none measured yet)"
     if rec.get("compiled_step_s") and rec.get("eager_step_s"):
@@ -165,7 +165,7 @@ def should_compile(compile, device, *, steps_left=None, eager_step_s=None, key=N
         speedup = DEFAULT_SPEEDUP[kind]
         src += f", speed-up {speedup:.2f}x assumed"
     on, saved = pays_off(steps_left, eager_step_s, speedup, compile_s)
-    return on, (f"compile {'on' if on else 'off'}: {steps_left} steps x {eager_step_s:.3g} s would save {saved:.0f} s, "
+    return on, (f"compile {'on' if on else 'off'}: {steps_left} steps x {eager_step_s:.3g} s would save {saved:.3g} s, "
                 f"{'more' if on else 'less'} than the compile ({src})")
 
 
