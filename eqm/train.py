@@ -152,17 +152,16 @@ def add_reliability_args(p):
     distributed.add_timeout_arg(g)
 
 
-def fill_defaults(args, parser, digits_defaults, published_defaults):
-    """Unset options from the digits or the published defaults; --fused on with CUDA, --compile too with DDP/FSDP.
-    Returns the model's patch size, after checking the model name."""
+def fill_defaults(args, parser, digits_defaults, published_defaults, auto_compile=False):
+    """Unset options from the digits or the published defaults; --fused and --compile on with CUDA (with
+    auto_compile an unset --compile stays None: "auto"). Returns the model's patch size, after checking the name."""
     for k, v in (digits_defaults if args.data_path == "digits" else published_defaults).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     on_cuda = torch.cuda.is_available() and args.device != "cpu"
-    if args.fused is None:
-        args.fused = on_cuda
-    if args.compile is None and (args.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        args.compile = on_cuda  # one process: unset means "auto" (eqm.compiling decides from timings)
+    for k in ("fused", "compile"):
+        if getattr(args, k) is None and not (k == "compile" and auto_compile):
+            setattr(args, k, on_cuda)
     if args.model not in EqM_models:
         parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
     return int(args.model.split("/")[-1])
@@ -181,7 +180,8 @@ def resolve_args(args, parser):
     digits_defaults = DIGITS_DEFAULTS
     if args.epochs is not None:  # an explicit --epochs wins over the digits step budget
         digits_defaults = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "max_steps"}
-    patch = fill_defaults(args, parser, digits_defaults, PUBLISHED_DEFAULTS)
+    one_process = not args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1  # DDP/FSDP compile at build time
+    patch = fill_defaults(args, parser, digits_defaults, PUBLISHED_DEFAULTS, auto_compile=one_process)
     args.epochs = PUBLISHED_DEFAULTS["epochs"] if args.epochs is None else args.epochs
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
