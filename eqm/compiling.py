@@ -1,7 +1,7 @@
 """Compiling only where it pays: the persistent compile cache and a measured compile policy.
 
-torch.compile costs minutes on a CPU the first time (213 s for the EqM-Ti/2 training step on a busy 2-core
-machine) and gains little there, so a short run must not pay it. "auto" decides from measurement: the run's
+torch.compile costs a minute or more on a CPU the first time (35-213 s for the EqM-Ti/2 training step on a
+2-core machine, by its load) and gains little there, so a short run must not pay it. "auto" decides from measurement: the run's
 own eager step time, the number of steps left, and a small record of what compiling this model, batch shape
 and precision cost and gained on this machine before (kept beside the compile cache, written after each
 compiled run); without a record, conservative defaults. The compile cache makes the second compile of the
@@ -101,8 +101,9 @@ def read_record(key, cache_dir=None):
 
 def write_record(key, cache_dir=None, **fields):
     """Merge `fields` into the record of `key` (an atomic rewrite of the record file; None values are skipped)."""
+    from eqm.utils import atomic_write
+
     path = _record_path(cache_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(path) as f:
             records = json.load(f)
@@ -112,10 +113,8 @@ def write_record(key, cache_dir=None, **fields):
     entry.update({k: v for k, v in fields.items() if v is not None})
     if "compile_s" in fields:
         entry["compiles"] = entry.get("compiles", 0) + 1
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(records, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
     return entry
 
 
