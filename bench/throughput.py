@@ -10,8 +10,9 @@ fast: eqm.fast.TrainStep and eqm.sampling.Engine under one eqm.execution.Executi
     CUDA graphs.
     On CPU: static buffers, bf16 where eqm.runtime's sub-second matmul probe finds it clearly faster than
     fp32 (avx512_bf16 / AMX CPUs; never on AVX2-only ones), kernels off (they would run the Triton interpreter),
-    and compile only with --compile on: a cold CPU compile takes minutes and gains ~1.1x, so it does not pay
-    within a benchmark (the compile cache makes a repeated --compile run start in seconds).
+    and compile where it pays within the benchmark (eqm.compiling: a few timed eager steps, the steps left, and
+    the compile cost and speed-up measured on this machine before; a first, cold CPU compile takes a minute or
+    more and gains ~1.1x, so a default run stays eager). --compile on/off decides it yourself.
 Inputs are random latents of the model's input size (image_size / eqm.vae.FACTOR): the VAE is not run.
 Both training and sampling report the median over their timed runs; "setup s" is each path's build time
 (compilation included) and is not part of the throughput.
@@ -37,7 +38,7 @@ from eqm.distributed import resolve_device
 from eqm.execution import PRECISION_CHOICES, Execution, resolve_execution, set_precision, use_execution
 from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
                       train_flops_per_image)
-from eqm import runtime
+from eqm import compiling, runtime
 from eqm.models import EqM_models
 from eqm.objective import eqm_training_losses
 from eqm.sampling import Engine, sample
@@ -165,58 +166,96 @@ class Path:
 
     Building it compiles and captures everything (warm-up), so the timing calls measure steady state.
     kind "reference": eager fp32/TF32 as published; "fast": TrainStep + sampling Engine running `execution`
-    (an eqm.execution.Execution: ops, compile, precision).
+    (an eqm.execution.Execution: ops, compile, precision). auto_compile: execution.compile is decided per
+    step by timed eager calls and the compile cost measured here before (eqm.compiling) instead.
     """
 
-    def __init__(self, name, base_model, args, device, kind, execution=Execution(), cuda_graph=False, cfg=True):
+    def __init__(self, name, base_model, args, device, kind, execution=Execution(), cuda_graph=False, cfg=True,
+                 auto_compile=False):
         self.name, self.args, self.device, self.kind = name, args, device, kind
         self.train_times, self.sample_times = [], {False: [], True: []}
         if kind == "reference":
-            execution = Execution("reference", False, "tf32")  # as published: eager, TF32 for fp32 matmuls
-        self.execution, self.precision = execution, execution.precision
-        precision, compile = execution.precision, execution.compile
+            execution, auto_compile = Execution("reference", False, "tf32"), False  # as published: eager, TF32
+        self.execution, self.precision, self.compiled, self.reasons = execution, execution.precision, {}, []
+        self.compile = "auto" if auto_compile else execution.compile
         t_setup = time.perf_counter()
         mem = PeakMemory(device)
         mem.reset()
-        m = self.model = use_execution(copy.deepcopy(base_model).eval(), execution)  # eval: train=True is passed
-        shape = (m.in_channels, m.input_size, m.input_size)
-
-        def build_train(b):
-            x1, y = torch.randn(b, *shape, device=device), torch.randint(0, m.num_classes, (b,), device=device)
-            if kind == "reference":
-                ema = copy.deepcopy(m).requires_grad_(False)
-                step = reference_train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0), ema)
-            else:
-                step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), execution=execution)
-            for _ in tqdm(range(args.warmup), desc=f"{name}: train warm-up", leave=False):
-                self._set_precision()
-                step(x1, y)
-            sync(device)
-            return lambda: step(x1, y)
-        self.train_fn, self.train_batch = on_oom_halve(build_train, args.batch_size, f"{name} training")
-
-        def build_sample(b, use_cfg):
-            kw = dict(sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=args.cfg_scale if use_cfg else 1.0)
-            x, y = torch.randn(b, *shape, device=device), torch.randint(0, m.num_classes, (b,), device=device)
-            if kind == "reference":
-                fn = lambda: sample(m, x, y, steps=args.sample_steps, **kw)  # noqa: E731
-                self._set_precision()
-                sample(m, x, y, steps=2, **kw)
-            else:
-                sampler = Engine(m, x.shape, device, precision=precision, compile=compile,
-                                 cuda_graph=cuda_graph, block=args.graph_block, **kw)
-                self._set_precision()
-                sampler.prepare(args.sample_steps)  # compile; on CUDA capture the graphs
-                sampler.run(x, y, steps=2)
-                fn = lambda: sampler.run(x, y, steps=args.sample_steps)  # noqa: E731
-            sync(device)
-            return fn
+        self.model = use_execution(copy.deepcopy(base_model).eval(), execution)  # eval: train=True is passed
+        self.train_fn, self.train_batch = on_oom_halve(self._build_train, args.batch_size, f"{name} training")
         self.sample_fn, self.sample_batch = {}, None
         for use_cfg in ((False, True) if cfg else (False,)):
             self.sample_fn[use_cfg], self.sample_batch = on_oom_halve(
-                lambda b: build_sample(b, use_cfg), self.sample_batch or args.sample_batch_size, f"{name} sampling")
+                lambda b: self._build_sample(b, use_cfg, cuda_graph), self.sample_batch or args.sample_batch_size,
+                f"{name} sampling")
         self.peak_mem_gb = mem.gb() - mem.baseline_gb
         self.setup_s = time.perf_counter() - t_setup
+
+    def _inputs(self, b):
+        m = self.model
+        return (torch.randn(b, m.in_channels, m.input_size, m.input_size, device=self.device),
+                torch.randint(0, m.num_classes, (b,), device=self.device))
+
+    def _build_train(self, b):
+        """The warmed-up training step at batch b (compiled in the warm-up where compiling is on or pays)."""
+        m, args, device = self.model, self.args, self.device
+        x1, y = self._inputs(b)
+        if self.kind == "reference":
+            ema = copy.deepcopy(m).requires_grad_(False)
+            step = reference_train_step(m, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0), ema)
+        else:  # compile "auto": timed eager steps decide whether compiling pays within this benchmark
+            ex = dataclasses.replace(self.execution, compile=self.compile is True)
+            step = TrainStep(m, make_optimizer(m, lr=1e-4), ema=EMA(m), execution=ex)
+            if self.compile == "auto":
+                step = compiling.AutoCompile(step, step.use_compiled, device=device, compile="auto",
+                                             log=lambda reason: self.log(f"training: {reason}"),
+                                             total_steps=args.warmup + args.rounds * args.train_iters,
+                                             key=compiling.compile_key("train", m, x1.shape, self.precision, device),
+                                             probe=max(args.warmup - 1, 1))
+        for _ in tqdm(range(args.warmup), desc=f"{self.name}: train warm-up", leave=False):
+            self._set_precision()
+            step(x1, y)
+        while isinstance(step, compiling.AutoCompile) and (step.deciding or step.compiled and not step.compiled_times):
+            step(x1, y)  # the decision and the compile belong to the warm-up, not to the timed steps
+        self.compiled["train"] = step.compiled if isinstance(step, compiling.AutoCompile) else self.compile is True
+        sync(device)
+        return lambda: step(x1, y)
+
+    def _build_sample(self, b, use_cfg, cuda_graph):
+        """The warmed-up sampling run at batch b, with or without CFG."""
+        m, args, device, precision = self.model, self.args, self.device, self.precision
+        kw = dict(sampler="ngd", stepsize=0.0017, mu=0.3, cfg_scale=args.cfg_scale if use_cfg else 1.0)
+        x, y = self._inputs(b)
+        self._set_precision()
+        if self.kind == "reference":
+            sample(m, x, y, steps=2, **kw)
+            sync(device)
+            return lambda: sample(m, x, y, steps=args.sample_steps, **kw)
+        on, key = self.compile is True, compiling.compile_key("sample-cfg" if use_cfg else "sample", m, x.shape,
+                                                                precision, device)
+        if self.compile == "auto":
+            eager = Engine(m, x.shape, device, precision=precision, compile=False, **kw)
+            on, reason, eager_s = compiling.decide_by_timing(
+                "auto", lambda: eager.run(x, y, steps=2), key=key, device=device,
+                steps_left=(args.rounds + 1) * (args.sample_steps - 1))
+            self.log(f"sampling{' with cfg' if use_cfg else ''}: {reason}")
+        sampler = Engine(m, x.shape, device, precision=precision, compile=on, cuda_graph=cuda_graph and on,
+                         block=args.graph_block, **kw)
+        t0 = time.perf_counter()
+        sampler.prepare(args.sample_steps)  # compile; on CUDA capture the graphs
+        sampler.run(x, y, steps=2)
+        sync(device)
+        first_s = time.perf_counter() - t0
+        if on and self.compile == "auto":
+            steady_s = compiling.time_calls(lambda: sampler.run(x, y, steps=2), 1, device)
+            compiling.record_compile(key, first_s, steady_s, eager_s)
+        self.compiled["sample-cfg" if use_cfg else "sample"] = on
+        return lambda: sampler.run(x, y, steps=args.sample_steps)
+
+    def log(self, reason):
+        """Keep and print a compile decision of this path."""
+        self.reasons.append(reason)
+        tqdm.write(f"{self.name}: {reason}")
 
     def _set_precision(self):
         set_precision(self.precision, self.device)
@@ -260,7 +299,8 @@ def get_parser():
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="fast path: auto = bf16 where a sub-second matmul probe finds it clearly faster")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="fast path torch.compile (auto: on with CUDA; on CPU it costs minutes cold and gains ~1.1x)")
+                   help="fast path torch.compile (auto: on with CUDA; on a CPU only where timed eager steps and the "
+                        "compile cost measured here before show it pays within the benchmark: eqm.compiling)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for every path (default: probed for this model, 1 or all cores)")
     p.add_argument("--fused", default="auto", choices=["auto", "on", "off"],
@@ -323,6 +363,9 @@ def main(argv=None):
         raise SystemExit(f"throughput: error: {e}") from None
     precision, compile, fused = execution.precision, execution.compile, execution.ops == "triton"
     print(f"precision {precision}: {runtime.precision_reason(device)}")
+    # compile auto: on with CUDA (the CUDA graphs need it); on a CPU where timed eager steps show it pays
+    auto_compile = args.compile == "auto" and not gpu
+    compile = "auto" if auto_compile else compile
     pieces = {"compile": compile, "precision": precision, "fused_kernels": fused, "cuda_graph": gpu,
               "static_buffers": True, "optimizer": "fused AdamW" if gpu else "foreach AdamW", "ema": "foreach lerp"}
     # matmul peaks (for utilisation) only in the dtypes the paths compute in: bf16 can be 75x slower on AVX2
@@ -344,9 +387,12 @@ def main(argv=None):
           f"(cfg {args.cfg_scale}); peak matmul " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()) + " TFLOP/s")
     print("fast path pieces: " + ", ".join(f"{k}={v}" for k, v in pieces.items()))
 
-    paths = path_specs(execution, gpu, args.breakdown)
+    paths = path_specs(execution, gpu, args.breakdown, auto_compile)
     built = [Path(name, model, args, device, **kw) for name, kw in tqdm(paths, desc="compile + warm-up")]
     del model
+    fast_path = next(p for p in built if p.name == "fast")
+    pieces["compile"] = fast_path.compiled if compile == "auto" else compile
+    pieces["compile_reasons"] = fast_path.reasons
     # Rounds in alternating order (ABBA): a shared machine slows whatever runs at that moment, not one path.
     for r in tqdm(range(args.rounds), desc="timing rounds"):
         for path in (built if r % 2 == 0 else built[::-1]):
@@ -360,7 +406,7 @@ def main(argv=None):
     results = {path.name: utilisation(path, peaks, train_flops, s_flops, s_flops_cfg) for path in built}
     breakdown = None
     if args.breakdown:
-        fast_label = " ".join(["fast: +static buffers", "+compile" if compile else "", "+bf16" if precision == "bf16"
+        fast_label = " ".join(["fast: +static buffers", "+compile" if compile is True else "", "+bf16" if precision == "bf16"
                                else "", "+fused" if fused else "", "+CUDA graph" if gpu else ""]).split()
         breakdown = [{"step": " ".join(fast_label) if name == "fast" else name, "setup_s": results[name]["setup_s"],
                       "train_img_s": results[name]["train_img_s"],
@@ -388,11 +434,12 @@ def main(argv=None):
     return out
 
 
-def path_specs(execution, gpu, breakdown):
-    """[(name, Path keywords)]: the reference, the fast path running `execution`, and with `breakdown` the fast
-    path's pieces added one at a time between the two (uncond sampling only)."""
+def path_specs(execution, gpu, breakdown, auto_compile=False):
+    """[(name, Path keywords)]: the reference, the fast path running `execution` (its compile decided by timing
+    with `auto_compile`), and with `breakdown` the fast path's pieces added one at a time between the two
+    (uncond sampling only)."""
     paths = [("reference", dict(kind="reference")),
-             ("fast", dict(kind="fast", execution=execution, cuda_graph=gpu))]
+             ("fast", dict(kind="fast", execution=execution, cuda_graph=gpu, auto_compile=auto_compile))]
     if not breakdown:
         return paths
     on = Execution("reference", False, "fp32")
@@ -403,8 +450,8 @@ def path_specs(execution, gpu, breakdown):
         steps.append(("+bf16", on := dataclasses.replace(on, precision="bf16")))
     if execution.ops == "triton":
         steps.append(("+fused", on := dataclasses.replace(on, ops="triton")))
-    steps = [(n, dict(kind="fast", execution=ex, cuda_graph=False, cfg=False)) for n, ex in steps]
-    fast_kw = dict(paths[1][1], cfg=False)
+    steps = [(n, dict(kind="fast", execution=ex, cuda_graph=False, cfg=False, auto_compile=False)) for n, ex in steps]
+    fast_kw = dict(paths[1][1], cfg=False, auto_compile=False)
     paths[1:1] = [(n, kw) for n, kw in steps if kw != fast_kw]  # a step equal to the fast path is the fast path
     return paths
 

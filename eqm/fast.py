@@ -11,6 +11,7 @@ EqM-E compiles too: the model takes its input gradient with torch.func.grad, whi
 (torch.autograd.grad(create_graph=True) would not).
 """
 import contextlib
+import dataclasses
 from copy import deepcopy
 
 import torch
@@ -27,7 +28,7 @@ def compile_fn(fn, backend="inductor"):
     Every TrainStep / GraphSampler specialises the same code on its own model and settings, so a
     process that builds many of them needs more than dynamo's default 8 cached variants per code object.
     """
-    from eqm.runtime import use_compile_cache
+    from eqm.compiling import use_compile_cache
 
     use_compile_cache()  # a second run of the same model reuses the generated code
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -127,12 +128,20 @@ class TrainStep:
         self.execution = execution
         self.precision = precision = execution.precision
         set_precision(precision, self.device)
-        loss = EqMLoss(model, a, lam, precision, model_kwargs, ct_shape)
+        self.eager_loss = loss = EqMLoss(model, a, lam, precision, model_kwargs, ct_shape)
         if execution.compile:
             loss = compile_fn(loss, backend)
         if ddp:
             loss = DDP(loss, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.loss_fn = loss
+
+    def use_compiled(self, backend="inductor"):
+        """Compile the loss from the next step on (what compile=True does at construction); returns self."""
+        if isinstance(self.loss_fn, DDP):
+            raise ValueError("a DDP TrainStep compiles at construction (compile=True)")
+        self.loss_fn = compile_fn(self.eager_loss, backend)
+        self.execution = dataclasses.replace(self.execution, compile=True)
+        return self
 
     def __call__(self, x1, y, noise=None, t=None):
         if noise is None:

@@ -45,6 +45,12 @@ def _matmul_seconds(dtype, device, n, budget_s):
     return best
 
 
+def untouched_rng(device):
+    """A context in which random draws leave torch's global RNG of `device` (and the CPU's) as they found it."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type)
+
+
 @functools.lru_cache(maxsize=None)
 def probe_precision(device_type="cpu"):
     """(precision, reason): the fast precision on this device, from a sub-second matmul probe once per process."""
@@ -54,8 +60,9 @@ def probe_precision(device_type="cpu"):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_num_threads(1)  # on a busy CPU, extra threads make any timing wait on the other jobs
     try:
-        t_fp32 = _matmul_seconds(torch.float32, device, n, 0.05)
-        t_bf16 = _matmul_seconds(torch.bfloat16, device, n, 0.05)
+        with untouched_rng(device):
+            t_fp32 = _matmul_seconds(torch.float32, device, n, 0.05)
+            t_bf16 = _matmul_seconds(torch.bfloat16, device, n, 0.05)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
         torch.set_num_threads(threads)
@@ -127,15 +134,16 @@ def _probe_model_threads(m, batch_size):
     if max_threads == 1 or m.flops_per_sample() * batch_size / 1e9 > SMALL_MODEL_GFLOP:
         torch.set_num_threads(max_threads)
         return max_threads
-    param = next(m.parameters())
-    x = torch.randn(batch_size, m.in_channels, m.input_size, m.input_size, device=param.device)
-    t = torch.zeros(batch_size, device=param.device)
-    y = torch.zeros(batch_size, dtype=torch.long, device=param.device)
+    device = next(m.parameters()).device
+    with untouched_rng(device):  # the probe runs a timing-dependent number of times: keep seeded runs seeded
+        x = torch.randn(batch_size, m.in_channels, m.input_size, m.input_size, device=device)
+        t = torch.zeros(batch_size, device=device)
+        y = torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    def work():
-        with torch.no_grad():
-            m(x, t, y)
-    n = probe_threads(work, max_threads)
+        def work():
+            with torch.no_grad():
+                m(x, t, y)  # in training mode this draws label drops from the global RNG
+        n = probe_threads(work, max_threads)
     torch.set_num_threads(n)
     return n
 
@@ -197,16 +205,7 @@ class ThreadGovernor:
 
 
 def use_compile_cache():
-    """Turn on inductor's FX-graph and AOT-autograd caches in a directory that outlives /tmp cleaning
-    ($TORCHINDUCTOR_CACHE_DIR if set, else $XDG_CACHE_HOME/eqm/torchinductor), so compiling the same model
-    again (a second run, another process) loads the generated code instead of building it: on a 2-core
-    CPU, a cold EqM-Ti/2 training-step compile took 213 s and a warm one 35 s (both on a busy machine)."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "eqm", "torchinductor")
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
+    """Compatibility name: eqm.compiling.use_compile_cache."""
+    from eqm.compiling import use_compile_cache as use
 
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    return use()

@@ -16,7 +16,7 @@ from copy import deepcopy
 import torch
 from tqdm import tqdm
 
-from eqm import data, distributed, runtime, sharding, validate as V, vae as vae_lib
+from eqm import compiling, data, distributed, runtime, sharding, validate as V, vae as vae_lib
 from eqm.checkpoint import (CheckpointError, OptimizerStateMismatch, export_optimizer_state,
                             import_optimizer_state, save_checkpoint)
 from eqm.guard import ADVICE, NONFINITE_CHOICES, NonFiniteError, NonFiniteGuard, all_finite
@@ -120,7 +120,8 @@ def get_parser():
     g.add_argument("--sample-stepsize", type=float, default=None, help="[0.003] GD step size for those grids; "
                    "digits: 0.01")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the forward + loss (fullgraph); default: on with CUDA")
+                   help="torch.compile the forward + loss (fullgraph); default: where it pays (timed eager steps "
+                        "against the compile cost measured here before; eqm.compiling), on with CUDA for DDP/FSDP")
     g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
                    "processes (FSDP2, per block) instead of DDP: for models too large to replicate")
     g.add_argument("--dali", action="store_true", help="decode, crop and flip ImageFolder JPEGs with NVIDIA DALI "
@@ -151,15 +152,15 @@ def add_reliability_args(p):
     distributed.add_timeout_arg(g)
 
 
-def fill_defaults(args, parser, digits_defaults, published_defaults):
-    """Unset options from the digits or the published defaults; --fused and --compile on with CUDA.
-    Returns the model's patch size, after checking the model name."""
+def fill_defaults(args, parser, digits_defaults, published_defaults, auto_compile=False):
+    """Unset options from the digits or the published defaults; --fused and --compile on with CUDA (with
+    auto_compile an unset --compile stays None: "auto"). Returns the model's patch size, after checking the name."""
     for k, v in (digits_defaults if args.data_path == "digits" else published_defaults).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     on_cuda = torch.cuda.is_available() and args.device != "cpu"
     for k in ("fused", "compile"):
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and not (k == "compile" and auto_compile):
             setattr(args, k, on_cuda)
     if args.model not in EqM_models:
         parser.error(f"unknown --model {args.model!r}; choose one of: {', '.join(EqM_models)}")
@@ -179,7 +180,8 @@ def resolve_args(args, parser):
     digits_defaults = DIGITS_DEFAULTS
     if args.epochs is not None:  # an explicit --epochs wins over the digits step budget
         digits_defaults = {k: v for k, v in DIGITS_DEFAULTS.items() if k != "max_steps"}
-    patch = fill_defaults(args, parser, digits_defaults, PUBLISHED_DEFAULTS)
+    one_process = not args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1  # DDP/FSDP compile at build time
+    patch = fill_defaults(args, parser, digits_defaults, PUBLISHED_DEFAULTS, auto_compile=one_process)
     args.epochs = PUBLISHED_DEFAULTS["epochs"] if args.epochs is None else args.epochs
     if vae_lib.is_pixel_space(args.vae):
         args.vae, input_size = "none", args.image_size
@@ -387,11 +389,20 @@ def train(args, dist_info):
     for g_ in opt.param_groups:  # --lr wins over the lr stored in the optimizer state
         g_["lr"] = args.lr
 
+    bpe = loader.batches_per_epoch
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * bpe
+    single = world == 1 and not args.fsdp  # DDP and FSDP compile at build time (--compile, on with CUDA)
     step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=args.ema_decay, precision=args.precision,
-                        compile=args.compile and not args.fsdp, ddp=world > 1 and not args.fsdp,
+                        compile=bool(args.compile) and not args.fsdp and not single, ddp=world > 1 and not args.fsdp,
                         grad_clip=args.grad_clip or None, a=args.ct_a, lam=args.ct_lam, ct_shape=args.ct_shape,
                         model_kwargs=dict(return_act=args.disp),
                         check_finite=True, skip_nonfinite=args.on_nonfinite == "skip")
+    if single:  # --compile unset: compile once a few timed eager steps show it pays for the steps left
+        key = compiling.compile_key("train", model, (args.global_batch_size, args.in_channels, args.input_size,
+                                                      args.input_size), step_fn.precision, device)
+        step_fn = compiling.AutoCompile(step_fn, step_fn.use_compiled, total_steps=total_steps - step, key=key,
+                                        device=device, compile="auto" if args.compile is None else args.compile,
+                                        log=logger.info)
     guard, skipped = NonFiniteGuard(device), 0
     step_fn = runtime.ThreadGovernor(step_fn, enabled=device.type == "cpu" and world == 1)
     model.train()  # enables label dropout for classifier-free guidance
@@ -409,8 +420,6 @@ def train(args, dist_info):
         wandb.init(project=os.environ.get("PROJECT", "eqm"), entity=os.environ.get("ENTITY"), name=name,
                    config=vars(args), id=run_id, resume="allow")
 
-    bpe = loader.batches_per_epoch
-    total_steps = args.max_steps if args.max_steps is not None else args.epochs * bpe
     log, last_ckpt, last_grid, avg_loss = [], None, None, float("nan")
     running, log_steps = torch.zeros((), device=device), 0
     t_start = t_log = time.time()

@@ -39,6 +39,28 @@ def test_throughput_json_and_chart(tmp_path, aot_eager_compiles):
     assert chart.ndim == 3 and chart.shape[0] > 100 and chart.std() > 0
 
 
+def test_throughput_compile_auto(tmp_path, monkeypatch, aot_eager_compiles):
+    """--compile auto (the default): eager without a record; compiled where a warm record says it pays."""
+    import torch
+    from eqm import compiling
+    from eqm.models import EqM_models
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--model", "EqM-Ti/4", "--image-size", "32", "--batch-size", "2", "--sample-batch-size", "2",
+            "--sample-steps", "3", "--train-iters", "1", "--warmup", "2", "--rounds", "1", "--precision", "fp32"]
+    out = throughput.main(argv)
+    decided = {"train": False, "sample": False, "sample-cfg": False}
+    assert not aot_eager_compiles and out["fast_pieces"]["compile"] == decided
+    assert all("compile off" in r and "assumed" in r for r in out["fast_pieces"]["compile_reasons"])
+    model = EqM_models["EqM-Ti/4"](input_size=4, num_classes=1000)
+    key = compiling.compile_key("train", model, (2, 4, 4, 4), "fp32", torch.device("cpu"))
+    assert compiling.read_record(key)["eager_step_s"] > 0  # the eager run left its step time
+    compiling.write_record(key, compile_s=0.0, compiled_step_s=1e-9)  # a warm record: free and a huge speed-up
+    out = throughput.main(argv)
+    assert out["fast_pieces"]["compile"]["train"] is True and len(aot_eager_compiles) == 1
+    assert compiling.read_record(key)["compiles"] == 2  # the compiled run recorded what it cost
+
+
 def test_digits_curve_rows(tmp_path):
     from eqm_bench import digits_curve
 

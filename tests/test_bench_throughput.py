@@ -15,7 +15,8 @@ from eqm_bench.throughput import Path
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
 ARGS = argparse.Namespace(batch_size=64 if GPU else 4, sample_batch_size=64 if GPU else 4,
-                          sample_steps=50 if GPU else 4, cfg_scale=1.5, warmup=1, graph_block=10, train_iters=1)
+                          sample_steps=50 if GPU else 4, cfg_scale=1.5, warmup=1, graph_block=10, train_iters=1,
+                          rounds=1)
 # On CPU the fast path runs eagerly in fp32 (a compile costs minutes here); on a GPU it is the full fast path.
 PATHS = {
     "reference": dict(kind="reference"),

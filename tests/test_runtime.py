@@ -101,6 +101,30 @@ def test_configure_threads_probes_small_models(monkeypatch):
         torch.set_num_threads(n)
 
 
+@pytest.mark.parametrize("calls", [1, 3])
+def test_probes_leave_the_global_rng_alone(monkeypatch, calls):
+    """A seeded run draws the same noise however many times a timing probe ran (it once varied with load)."""
+    n = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+
+    def fake_probe(work, max_threads, reps=3):
+        for _ in range(calls):  # how often the probe runs depends on the timings
+            work()
+        return 1
+    monkeypatch.setattr(runtime, "probe_threads", fake_probe)
+    model = EqM_models["EqM-Ti/4"](input_size=8, in_channels=1, num_classes=10).train()  # drops labels at random
+    try:
+        torch.manual_seed(0)
+        runtime.configure_threads(model, 8)
+        runtime.probe_precision("cpu")
+        after_probes = torch.rand(4)
+        torch.manual_seed(0)
+        assert torch.equal(after_probes, torch.rand(4))
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("cost, expected", [({1: 1.0, 4: 0.5}, 4), ({1: 1.0, 4: 12.0}, 1)], ids=["free", "busy"])
 def test_thread_governor_keeps_the_faster_count(monkeypatch, cost, expected):
     """A simulated step whose time depends on the thread count: the governor must end on the faster count,
