@@ -18,20 +18,22 @@ import torch
 
 from eqm.execution import PRECISION_CHOICES, resolve_precision
 from eqm import digits_eval, runtime
+from eqm.config import PRESETS
 from eqm.datasets import load_digits_tensor
-from eqm.fast import EMA, TrainStep, make_optimizer
+from eqm.ema import EMA
+from eqm.fast import TrainStep, make_optimizer
 from eqm.models import EqM_configs, EqM_models
-from eqm.sample import DIGITS_DEFAULTS as SAMPLE_DEFAULTS
 from eqm.samplers import sample
-from eqm.train import DIGITS_DEFAULTS as TRAIN_DEFAULTS
+
+DIGITS = PRESETS["digits"]  # the eqm-train / eqm-sample digits defaults
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=TRAIN_DEFAULTS["model"], choices=list(EqM_models))
-    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["global_batch_size"])
-    p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
-    p.add_argument("--ema-decay", type=float, default=TRAIN_DEFAULTS["ema_decay"])
+    p.add_argument("--model", default=DIGITS["model"], choices=list(EqM_models))
+    p.add_argument("--batch-size", type=int, default=DIGITS["global_batch_size"])
+    p.add_argument("--lr", type=float, default=DIGITS["lr"])
+    p.add_argument("--ema-decay", type=float, default=DIGITS["ema_decay"])
     p.add_argument("--minutes", type=float, default=3.0, help="training wall time")
     p.add_argument("--eval-every", type=float, default=0.5, help="minutes of training between evaluations")
     p.add_argument("--max-steps", type=int, default=None,
@@ -39,7 +41,7 @@ def get_parser():
     p.add_argument("--eval-steps", type=int, default=500)
     p.add_argument("--samples", type=int, default=200, help="samples per evaluation and CFG scale (class-balanced)")
     p.add_argument("--sample-steps", type=int, default=250)
-    p.add_argument("--stepsize", type=float, default=SAMPLE_DEFAULTS["stepsize"])
+    p.add_argument("--stepsize", type=float, default=DIGITS["stepsize"])
     p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     p.add_argument("--threads", type=int, default=None, help="default: chosen by eqm.runtime")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)

@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 
 from eqm import validate as V, vae as vae_lib
 from eqm.distributed import resolve_device
+from eqm.ema import EMA
 from eqm.execution import PRECISION_CHOICES, Execution, resolve_execution, set_precision, use_execution
-from eqm.fast import (EMA, TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
+from eqm.fast import (TrainStep, forward_flops_per_image, make_optimizer, sample_flops_per_image,
                       train_flops_per_image)
 from eqm import compiling, runtime
 from eqm.models import EqM_models

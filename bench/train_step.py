@@ -13,7 +13,8 @@ from eqm.execution import PRECISION_CHOICES, resolve_execution
 from eqm import validate as V
 from eqm.models import EqM_models
 from eqm.distributed import resolve_device
-from eqm.fast import EMA, TrainStep, make_optimizer
+from eqm.ema import EMA
+from eqm.fast import TrainStep, make_optimizer
 
 
 def main(argv=None):

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from eqm.execution import PRECISION_CHOICES, Execution, resolve_precision
 from eqm import runtime
-from eqm.fast import EMA, TrainStep, make_optimizer
+from eqm.ema import EMA
+from eqm.fast import TrainStep, make_optimizer
 from eqm.sampling import Engine
 from eqm.models import EqM_configs, EqM_models
 from eqm.published import import_published

@@ -12,11 +12,11 @@ EqM-E compiles too: the model takes its input gradient with torch.func.grad, whi
 """
 import contextlib
 import dataclasses
-from copy import deepcopy
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from eqm.ema import EMA  # noqa: F401  (re-exported: the one EMA lives in eqm.ema)
 from eqm.execution import Execution, autocast, model_ops, resolve_precision, set_precision, unwrap
 from eqm.models import forward_flops
 from eqm.objective import eqm_training_losses
@@ -53,24 +53,6 @@ def make_optimizer(model, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999)):
     on_cuda = params[0].is_cuda
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
                              fused=on_cuda, foreach=not on_cuda)
-
-
-class EMA:
-    """Exponential moving average of a model's trainable parameters, updated with one multi-tensor lerp."""
-
-    def __init__(self, model, ema_model=None):
-        model = unwrap(model)
-        self.model = ema_model if ema_model is not None else deepcopy(model)
-        self.model.requires_grad_(False).eval()
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        ema_params = dict(self.model.named_parameters())
-        self.src = [p for n, p in model.named_parameters() if p.requires_grad]
-        self.dst = [ema_params[n] for n in names]
-
-    @torch.no_grad()
-    def update(self, decay):
-        """ema <- decay * ema + (1 - decay) * param."""
-        torch._foreach_lerp_(self.dst, self.src, 1.0 - decay)
 
 
 class EqMLoss(torch.nn.Module):

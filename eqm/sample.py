@@ -16,17 +16,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from eqm import distributed, runtime, validate as V, vae as vae_lib
-from eqm.checkpoint import CheckpointError
-from eqm.models import EqM_models
+from eqm.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from eqm.config import NO_CHECKPOINT, SampleConfig, trained_settings
 from eqm.sampling import ODE_METHODS, SAMPLERS, SCHEDULES, sample
-from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, fill_defaults, str2bool
+from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, str2bool
 from eqm.utils import create_logger, find_outputs, save_image_grid, to_uint8
-
-PUBLISHED_DEFAULTS = dict(model="EqM-XL/2", image_size=256, num_classes=1000, vae="ema", ebm="none",
-                          num_fid_samples=50_000, cfg_scale=4.0, stepsize=0.0017)
-DIGITS_DEFAULTS = dict(model="EqM-Ti/4", image_size=8, num_classes=10, vae="none", ebm="none",
-                       num_fid_samples=100, cfg_scale=2.0, stepsize=0.01)  # sharpest digits at 250 GD steps
-FROM_CHECKPOINT = ("model", "image_size", "num_classes", "vae", "ebm", "uncond", "data_path", "in_channels")
 
 
 def get_parser():
@@ -99,48 +93,19 @@ NUMERIC_FLAGS = dict(image_size=V.positive_int, num_classes=V.positive_int, glob
                      sample_eps=V.finite_float, train_eps=V.finite_float, **SAMPLER_FLAGS)
 
 
-def checkpoint_args(ckpt):
-    """The training options stored in a checkpoint (a Namespace or a dict), or {}."""
-    a = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if a is None:
-        return {}
-    return dict(vars(a)) if isinstance(a, argparse.Namespace) else dict(a)
-
-
-def resolve_args(args, parser, ckpt_args):
-    """Explicit flags win, then the checkpoint's training args, then the digits/published defaults."""
-    for k in FROM_CHECKPOINT:
-        if getattr(args, k, None) is None and ckpt_args.get(k) is not None:
-            setattr(args, k, ckpt_args[k])
-    digits = args.data_path == "digits"
-    default_eta = args.stepsize is None
-    patch = fill_defaults(args, parser, DIGITS_DEFAULTS, PUBLISHED_DEFAULTS)
-    # c(t) of the training run (published: truncated-linear, a 0.8, lam 4): the field's scale is lam, so a
-    # default step size is rescaled by 4 / lam to move as far per step as with the published lam
-    args.ct = {k: ckpt_args.get(f"ct_{k}", v) for k, v in (("shape", "truncated-linear"), ("a", 0.8), ("lam", 4.0))}
-    if default_eta:
-        args.stepsize *= 4.0 / args.ct["lam"]
-    if args.uncond is None:
-        args.uncond = True
-    if vae_lib.is_pixel_space(args.vae):
-        args.vae, args.input_size = "none", args.image_size
-        if getattr(args, "in_channels", None) is None:
-            args.in_channels = 1 if digits else 3
-    else:
-        try:
-            args.input_size, args.in_channels = vae_lib.latent_size(args.image_size), vae_lib.CHANNELS
-        except ValueError as e:
-            parser.error(str(e))
-    if args.input_size % patch:
-        parser.error(f"{args.model} has patch size {patch}, but its input is {args.input_size}x{args.input_size} "
-                     f"(--image-size {args.image_size}): pick an image size whose model input divides by {patch}")
-    for name in ("num_fid_samples", "num_sampling_steps", "global_batch_size", "num_classes"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.per_proc_batch_size is not None and args.per_proc_batch_size <= 0:
-        parser.error("--per-proc-batch-size must be positive")
+def resolve_config(args, parser, ckpt=None):
+    """The SampleConfig of parsed flags: explicit flags win, then what the checkpoint was trained with (its
+    `config`, else its published `args`), then the preset of the data path. The Namespace is not edited."""
+    trained = trained_settings(ckpt) if ckpt is not None else NO_CHECKPOINT
+    on_cuda = torch.cuda.is_available() and args.device != "cpu"
+    cfg = SampleConfig.from_args(args, parser.error, trained, on_cuda=on_cuda)
     check_sampler_args(args, parser)
-    return args
+    return cfg
+
+
+def resolve_args(args, parser, ckpt=None):
+    """The resolved flags as a Namespace with sample_gd.py's names (ckpt: a loaded checkpoint, or {})."""
+    return resolve_config(args, parser, ckpt).published_args()
 
 
 def check_sampler_args(args, parser):
@@ -201,95 +166,117 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ckpt = None
     if args.ckpt is not None:
-        from eqm.checkpoint import load_checkpoint
-
         try:
             ckpt = load_checkpoint(args.ckpt, kind="eqm")
         except CheckpointError as e:
             raise SystemExit(f"eqm-sample: error: {e}") from None
-    args = resolve_args(args, parser, checkpoint_args(ckpt) if ckpt is not None else {})
-    return distributed.run_job("eqm-sample", lambda info: run(args, ckpt, info), args.device, args.dist_timeout)
+    cfg = resolve_config(args, parser, ckpt)
+    return distributed.run_job("eqm-sample", lambda info: run(cfg, ckpt, info), cfg.runtime.device,
+                               cfg.runtime.dist_timeout)
 
 
-def run(args, ckpt, dist_info):
+def apply_runtime(model, rt, device):
+    """Route `model` through the kernels or not and pick the sampling precision: bf16 or fp32 (+TF32, as the
+    published sampler); returns the precision, the same on every rank."""
+    torch.set_float32_matmul_precision("high")  # TF32, as the published sampler
+    model.fused = rt.fused
+    precision = distributed.broadcast_object(runtime.resolve_precision(rt.precision, device))  # one for all ranks
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def load_model(cfg, ckpt, logger):
+    """The EqM of cfg.model with the checkpoint's weights (EMA preferred), or untrained without a checkpoint."""
+    model = cfg.model.build()
+    if ckpt is None:
+        logger.info("warning: no --ckpt given: sampling an untrained (randomly initialised) model")
+        return model
+    try:
+        source = load_model_state(model, ckpt, prefer="ema")
+    except ValueError as e:
+        raise SystemExit(f"eqm-sample: error: cannot load --ckpt {cfg.ckpt!r} into {cfg.model.name}: {e}") from None
+    logger.info(f"Loaded {cfg.model.name} weights from {cfg.ckpt} ({source})")
+    return model
+
+
+def load_vae(cfg, device):
+    """The VAE decoder for latent models, None in pixel space."""
+    if cfg.vae == "none":
+        return None
+    try:
+        return vae_lib.load_vae(cfg.vae, device)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"eqm-sample: error: {e}") from None
+
+
+def sample_batch(model, vae, cfg, idx, labels, precision, device):
+    """Samples idx (images in [-1, 1], decoded), and the field evaluations they took; non-finite ones exit."""
+    m, s = cfg.model, cfg.sampling
+    # the published rule guides channels 0..2 (x[:, :3]), which on a 1-channel model is every channel
+    cfg_channels = "all" if s.cfg_channels == "all" else min(3, m.in_channels)
+    x = start_noise(idx, (m.in_channels, m.input_size, m.input_size), cfg.runtime.global_seed).to(device)
+    with torch.no_grad():
+        out, stats = sample(model, x, labels[idx].to(device), steps=s.steps, cfg_scale=s.cfg_scale,
+                            cfg_channels=cfg_channels, stop_grad_norm=s.stop_grad_norm, return_stats=True,
+                            precision=precision, compile=bool(cfg.runtime.compile), **s.options())
+        out = out.float()
+        bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise SystemExit(f"eqm-sample: error: {len(bad)} of {len(idx)} samples (first: index {idx[bad[0]]}) "
+                             f"became non-finite during sampling: lower --stepsize {s.stepsize} "
+                             f"(or --cfg-scale {s.cfg_scale}); nothing was written for them")
+        if vae is not None:
+            out = vae_lib.decode(vae, out)
+    return out, stats["total_nfe"]
+
+
+def run(cfg, ckpt, dist_info):
+    """Sample this rank's share of --num-fid-samples into --folder; rank 0 writes the .npz and the grid."""
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     logger = create_logger(None, rank, name="eqm-sample")
-    torch.set_float32_matmul_precision("high")  # TF32, as the published sampler
-    model = EqM_models[args.model](input_size=args.input_size, in_channels=args.in_channels,
-                                   num_classes=args.num_classes, uncond=args.uncond, ebm=args.ebm)
-    if ckpt is not None:
-        from eqm.checkpoint import load_model_state
-
-        try:
-            source = load_model_state(model, ckpt, prefer="ema")
-        except ValueError as e:
-            raise SystemExit(f"eqm-sample: error: cannot load --ckpt {args.ckpt!r} into {args.model}: {e}") from None
-        logger.info(f"Loaded {args.model} weights from {args.ckpt} ({source})")
-    else:
-        logger.info("warning: no --ckpt given: sampling an untrained (randomly initialised) model")
-    model = model.to(device).eval().requires_grad_(False)
-    model.fused = args.fused
-    vae = None
-    if args.vae != "none":
-        try:
-            vae = vae_lib.load_vae(args.vae, device)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise SystemExit(f"eqm-sample: error: {e}") from None
-
-    n = args.num_fid_samples
-    bs = args.per_proc_batch_size or max(1, args.global_batch_size // world)
-    labels = sample_labels(n, args.num_classes, args.global_seed)
+    model = load_model(cfg, ckpt, logger).to(device).eval().requires_grad_(False)
+    precision = apply_runtime(model, cfg.runtime, device)
+    vae = load_vae(cfg, device)
+    n, s = cfg.num_fid_samples, cfg.sampling
+    bs = cfg.per_proc_batch_size or max(1, cfg.global_batch_size // world)
+    labels = sample_labels(n, cfg.model.num_classes, cfg.runtime.global_seed)
     mine = list(range(rank, n, world))  # this rank's share: disjoint, interleaved like the published code
-    # the published rule guides channels 0..2 (x[:, :3]), which on a 1-channel model is every channel
-    cfg_channels = "all" if args.cfg_channels == "all" else min(3, args.in_channels)
-    shape = (args.in_channels, args.input_size, args.input_size)
-    precision = distributed.broadcast_object(runtime.resolve_precision(args.precision, device))  # one for all ranks
-    precision = "bf16" if precision == "bf16" else "fp32"
     threads = runtime.configure_threads(model, min(bs, len(mine) or 1), device=device)
     logger.info(f"Precision {precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
-    problem = prepare_folder(args.folder, args.overwrite) if rank == 0 else None
-    problem = distributed.broadcast_object(problem)
+    problem = distributed.broadcast_object(prepare_folder(cfg.folder, cfg.overwrite) if rank == 0 else None)
     if problem:
         raise SystemExit(f"eqm-sample: error: {problem}")
     if rank == 0:
-        logger.info(f"Sampling {n} images ({args.sampler}, {args.num_sampling_steps} steps, eta {args.stepsize}, "
-                    f"cfg {args.cfg_scale}; trained with c(t) {args.ct}) with {world} process(es), batch {bs} each, "
-                    f"into {args.folder}")
+        logger.info(f"Sampling {n} images ({s.sampler}, {s.steps} steps, eta {s.stepsize}, cfg {s.cfg_scale}; "
+                    f"trained with c(t) {cfg.ct}) with {world} process(es), batch {bs} each, into {cfg.folder}")
     distributed.barrier()
-    t0 = time.time()
-    nfe = 0
+    t0, nfe = time.time(), 0
     for start in tqdm(range(0, len(mine), bs), desc="sampling", disable=None if rank == 0 else True):
         idx = mine[start:start + bs]
-        x = start_noise(idx, shape, args.global_seed).to(device)
-        y = labels[idx].to(device)
-        with torch.no_grad():
-            out, stats = sample(model, x, y, steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-                                cfg_channels=cfg_channels, stop_grad_norm=args.stop_grad_norm, return_stats=True,
-                                precision=precision, compile=bool(args.compile), **sampler_options(args))
-            out = out.float()
-            bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().flatten().tolist()
-            if bad:
-                raise SystemExit(f"eqm-sample: error: {len(bad)} of {len(idx)} samples (first: index {idx[bad[0]]}) "
-                                 f"became non-finite during sampling: lower --stepsize {args.stepsize} "
-                                 f"(or --cfg-scale {args.cfg_scale}); nothing was written for them")
-            nfe += stats["total_nfe"]
-            if vae is not None:
-                out = vae_lib.decode(vae, out)
+        out, used = sample_batch(model, vae, cfg, idx, labels, precision, device)
+        nfe += used
         for i, img in zip(idx, to_uint8(out)):
-            Image.fromarray(img).save(os.path.join(args.folder, f"{i:06d}.png"))
+            Image.fromarray(img).save(os.path.join(cfg.folder, f"{i:06d}.png"))
     distributed.barrier()
     seconds = time.time() - t0
     nfe = int(sum(distributed.all_gather_object(nfe)))
-    summary = {"folder": args.folder, "num_samples": n, "seconds": seconds, "nfe_per_sample": nfe / n,
-               "stepsize": args.stepsize, "ct": args.ct}
-    if rank == 0:
-        npz, arr = write_npz(args.folder, n, labels)
-        grid = save_image_grid(arr[:100], os.path.join(args.folder, "grid.png"),
-                               nrow=10 if arr.shape[0] >= 100 else None)
-        summary.update(npz=npz, grid=grid)
-        logger.info(f"Done: {n} samples in {seconds:.1f} s ({nfe / n:.1f} model evaluations each).\n"
-                    f"  npz:  {npz} [arr_0 {arr.shape} uint8, labels]\n  grid: {grid}\n  pngs: {args.folder}/")
-    return summary
+    return summarize(cfg, labels, seconds, nfe, logger) if rank == 0 else summary_dict(cfg, seconds, nfe)
+
+
+def summary_dict(cfg, seconds, nfe):
+    n = cfg.num_fid_samples
+    return {"folder": cfg.folder, "num_samples": n, "seconds": seconds, "nfe_per_sample": nfe / n,
+            "stepsize": cfg.sampling.stepsize, "ct": cfg.ct}
+
+
+def summarize(cfg, labels, seconds, nfe, logger):
+    """Rank 0: write <folder>.npz and grid.png, log, and return the summary."""
+    n, out = cfg.num_fid_samples, summary_dict(cfg, seconds, nfe)
+    npz, arr = write_npz(cfg.folder, n, labels)
+    grid = save_image_grid(arr[:100], os.path.join(cfg.folder, "grid.png"), nrow=10 if arr.shape[0] >= 100 else None)
+    out.update(npz=npz, grid=grid)
+    logger.info(f"Done: {n} samples in {seconds:.1f} s ({nfe / n:.1f} model evaluations each).\n"
+                f"  npz:  {npz} [arr_0 {arr.shape} uint8, labels]\n  grid: {grid}\n  pngs: {cfg.folder}/")
+    return out
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ def _worker(rank, world, port, out):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from eqm import data, train
+    from eqm.training import setup
 
     seen, model_ref = [], {}
     make = data.make_source
@@ -45,14 +46,14 @@ def _worker(rank, world, port, out):
         source.loader = loader
         return source
 
-    train_step = train.TrainStep
+    train_step = setup.TrainStep
 
     def recording_train_step(model, *a, **k):
         model_ref["model"] = model
         return train_step(model, *a, **k)
 
     data.make_source = recording_make_source
-    train.TrainStep = recording_train_step
+    setup.TrainStep = recording_train_step
     summary = train.main(ARGS + ["--results-dir", os.path.join(out, "res")])
     torch.save({"seen": torch.cat(seen), "params": {k: v.detach().clone() for k, v in
                                                     model_ref["model"].state_dict().items()},

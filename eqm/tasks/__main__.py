@@ -10,6 +10,7 @@ Inputs (--input/--in/--ood): digits, photo-patches, noisy-digits, shuffled-digit
 array (N, C, H, W) in model space, or an image file.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from eqm import validate as V
-from eqm.sample import SAMPLER_FLAGS, add_sampler_options, check_sampler_args, checkpoint_args, sampler_options
+from eqm.config import trained_settings
+from eqm.sample import SAMPLER_FLAGS, add_sampler_options, check_sampler_args, sampler_options
 from eqm.sampling import SAMPLERS
 from eqm.tasks.core import OOD_SCORES, add_noise, auroc, compose, denoise, inpaint, ood_scores, psnr
 from eqm.tasks.sources import load_source
@@ -82,17 +84,15 @@ def get_parser():
 def load_model(path, device):
     """The EMA model of an eqm-train checkpoint (built from the args stored in it), in eval mode."""
     from eqm.checkpoint import load_checkpoint, load_model_state
-    from eqm.models import EqM_models
 
     ckpt = load_checkpoint(path)
-    a = checkpoint_args(ckpt)
-    if "model" not in a or a.get("input_size") is None:
+    trained = trained_settings(ckpt)
+    if trained.model.name is None or trained.model.input_size is None:
         raise ValueError(f"{path!r} has no eqm-train args (model, input size): train it with eqm-train")
-    model = EqM_models[a["model"]](input_size=a["input_size"], in_channels=a["in_channels"],
-                                   num_classes=a["num_classes"], uncond=a.get("uncond", True),
-                                   ebm=a.get("ebm", "none"))
+    model = dataclasses.replace(trained.model, uncond=trained.model.uncond is not False,
+                                ebm=trained.model.ebm or "none").build()
     load_model_state(model, ckpt, prefer="ema")
-    if a.get("vae", "none") != "none":
+    if trained.data.vae not in (None, "none"):
         raise ValueError("the tasks CLI works on pixel-space checkpoints; for latent models call the Python API "
                          "(eqm.tasks) on latents")
     return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,144 @@
+"""Builds an EqM training run from its TrainConfig: execution choices, data, VAE, models, optimizer, resume.
+
+`build_trainer(cfg, dist_info)` returns a ready eqm.training.Trainer. The order of the steps below is part
+of the behaviour: the models are initialised right after the seed is set, so a run is reproducible.
+"""
+import dataclasses
+import os
+import sys
+from copy import deepcopy
+
+import torch
+
+from eqm import data as data_lib, distributed, runtime, vae as vae_lib
+from eqm.ema import EMA
+from eqm.fast import TrainStep, make_optimizer
+from eqm.guard import NonFiniteGuard
+from eqm.training.callbacks import LossLog, SampleGrids
+from eqm.training.checkpointer import Checkpointer, SetupError, TrainState
+from eqm.training.strategy import make_strategy
+from eqm.training.trainer import Trainer, step_budget
+from eqm.utils import claim_run_dir, create_logger, format_config
+
+
+#################################################################################
+#        Execution choices: precision, kernels, compile (made here only)        #
+#################################################################################
+
+def set_precision(precision):
+    """TF32 on for tf32/bf16 (the published setting), off for strict fp32."""
+    tf32 = precision in ("tf32", "bf16")
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def resolve_runtime(rt, world, device):
+    """The RuntimeConfig with its run-time choices made: precision "auto" probed (rank 0's choice for all ranks)
+    and set; --fsdp off in a single process. Runs before the seed is set (the probe draws random numbers)."""
+    if rt.fsdp and world == 1:
+        print("note: --fsdp with a single process has nothing to shard: training unsharded "
+              "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
+    precision = distributed.broadcast_object(runtime.resolve_precision(rt.precision, device))
+    set_precision(precision)
+    return dataclasses.replace(rt, precision=precision, fsdp=rt.fsdp and world > 1)
+
+
+def apply_runtime(model, rt):
+    """Route `model` through the kernels or not; returns (compile the step, compile the blocks under FSDP)."""
+    model.fused = rt.fused
+    return rt.compile and not rt.fsdp, rt.compile
+
+
+#################################################################################
+#                                 The pieces                                    #
+#################################################################################
+
+def open_data(data, num_classes, rank, world, seed, device):
+    """(source, loader of this rank's share): the one call into the data layer (eqm.data.make_source)."""
+    try:
+        source = data_lib.make_source(data.data_path, data.image_size, num_classes=num_classes, dali=data.dali,
+                                      device=device, num_workers=data.num_workers)
+        loader = source.loader(data.global_batch_size // world, rank, world, seed)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        raise SetupError(str(e)) from None
+    if source.num_classes > num_classes:
+        raise SetupError(f"the data has {source.num_classes} classes but --num-classes is {num_classes}")
+    return source, loader
+
+
+def new_experiment_dir(results_dir, model_name):
+    """A new run folder of its own (claimed atomically, see claim_run_dir) with a checkpoints/ subfolder."""
+    exp = claim_run_dir(results_dir, model_name.replace("/", "-"))
+    os.makedirs(os.path.join(exp, "checkpoints"))
+    return exp
+
+
+def fit_to_data(cfg, source):
+    """The config with the model's input channels of the data: the images' (pixels, latents) or the VAE's."""
+    channels = source.channels if cfg.data.vae == "none" or source.latent else vae_lib.CHANNELS
+    return cfg.replace(model=dataclasses.replace(cfg.model, in_channels=channels))
+
+
+def load_vae(cfg, source, device, logger):
+    """(vae or None, cfg). Latents train without a VAE, then without sample grids (they decode)."""
+    if cfg.data.vae == "none":
+        return None, cfg
+    try:
+        return vae_lib.load_vae(cfg.data.vae, device), cfg
+    except (FileNotFoundError, RuntimeError) as e:
+        if not source.latent:
+            raise SetupError(str(e)) from None
+        logger.info(f"warning: {e}\nTraining on the latents without sample grids (they need the VAE decoder).")
+        return None, cfg.replace(sample_every=0)
+
+
+def build_models(cfg, world, device, logger):
+    """(model, ema) on the device, their execution set (apply_runtime), the CPU threads chosen for them."""
+    model = cfg.model.build().to(device)
+    compile_step, compile_blocks = apply_runtime(model, cfg.runtime)
+    ema = deepcopy(model).requires_grad_(False)
+    logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
+    threads = runtime.configure_threads(model, cfg.data.global_batch_size // world, device=device)
+    logger.info(f"Precision {cfg.runtime.precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
+    return model, ema, (compile_step, compile_blocks)
+
+
+def make_step(cfg, model, ema, opt, strategy, compile_step, device):
+    """The TrainStep of the EqM objective (EMA update included), with the CPU thread governor around it."""
+    o, ob, rt = cfg.optim, cfg.objective, cfg.runtime
+    step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=o.ema_decay, precision=rt.precision,
+                        compile=compile_step, ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a, lam=ob.ct_lam,
+                        ct_shape=ob.ct_shape, model_kwargs=dict(return_act=ob.disp), check_finite=True,
+                        skip_nonfinite=rt.on_nonfinite == "skip")
+    return runtime.ThreadGovernor(step_fn, enabled=device.type == "cpu" and strategy.world == 1)
+
+
+def build_trainer(cfg, info):
+    """Everything a run needs, in order (see the module docstring); returns the Trainer."""
+    rank, world, device = info.rank, info.world_size, info.device
+    cfg = cfg.replace(runtime=resolve_runtime(cfg.runtime, world, device))
+    torch.manual_seed(cfg.runtime.global_seed * world + rank)
+    source, loader = open_data(cfg.data, cfg.model.num_classes, rank, world, cfg.runtime.global_seed, device)
+    exp_dir = distributed.broadcast_object(new_experiment_dir(cfg.results_dir, cfg.model.name) if rank == 0 else None)
+    logger = create_logger(exp_dir, rank)
+    vae, cfg = load_vae(fit_to_data(cfg, source), source, device, logger)
+    logger.info("Resolved configuration:\n" + format_config(cfg.published_args()))
+    if rank == 0:
+        print(f"Experiment directory: {exp_dir}", flush=True)
+    model, ema, (compile_step, compile_blocks) = build_models(cfg, world, device, logger)
+    strategy = make_strategy(cfg.runtime.fsdp, rank, world)
+    checkpointer = Checkpointer(cfg, exp_dir, strategy, device, logger)
+    state, saved_opt = checkpointer.load(model, ema, loader.batches_per_epoch) if cfg.ckpt else (TrainState(), None)
+    strategy.wrap(model, ema, compile_blocks=compile_blocks, grids=bool(cfg.sample_every))
+    opt = make_optimizer(model, lr=cfg.optim.lr)
+    checkpointer.restore_optimizer(model, opt, saved_opt)
+    step_fn = make_step(cfg, model, ema, opt, strategy, compile_step, device)
+    model.train()  # enables label dropout for classifier-free guidance
+    ema.eval()
+    total = step_budget(cfg.optim, loader.batches_per_epoch)
+    log = LossLog(cfg, device, logger, total, state.step, exp_dir, strategy.is_main)
+    grids = SampleGrids(cfg, cfg.sample_every, vae, source.num_classes, exp_dir, logger, device)
+    return Trainer(cfg, model=model, ema=ema, step_fn=step_fn, opt=opt, loader=loader, encode=not source.latent,
+                   vae=vae, strategy=strategy,
+                   checkpointer=checkpointer, guard=NonFiniteGuard(device), state=state, total_steps=total,
+                   log=log, callbacks=[grids], exp_dir=exp_dir, logger=logger, device=device)
