@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from eqm import distributed
-from eqm.checkpoint import (OptimizerStateMismatch, export_optimizer_state, import_optimizer_state,
-                            load_checkpoint, load_model_state, save_checkpoint)
+from eqm import checkpoint as files, distributed
+from eqm.checkpoint import (OptimizerStateMismatch, export_optimizer_state, import_optimizer_state, load_checkpoint,
+                            load_model_state)
 from eqm.guard import ADVICE, NonFiniteError, all_finite
 
 
@@ -117,7 +117,7 @@ class Checkpointer:
             return None
         cfg = self.cfg
         path = os.path.join(self.folder, f"{state.step:07d}.pt")
-        save_checkpoint(path, {
+        files.save_checkpoint(path, {  # through the module: tests stand in a full disk there
             "model": states[0], "ema": states[1], "opt": export_optimizer_state(states[2]),
             "args": cfg.published_args(), "config": cfg.to_dict(),
             "step": state.step, "epoch": state.epoch, "world_size": self.strategy.world, "rng": rngs,
