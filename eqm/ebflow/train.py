@@ -5,7 +5,6 @@ Score-matching losses (ssm, dsm, fdssm, sf, exact_sm, sml) never compute a linea
 the test NLL computes them once per evaluation.
 """
 import argparse
-import copy
 import csv
 import math
 import os
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from eqm import validate as V
 from eqm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from eqm.distributed import resolve_device
+from eqm.ema import EMA, warmup_decay
 from eqm.guard import NONFINITE_CHOICES, NonFiniteError, all_finite, grad_norm, message
 
 from .data import TOYS, load_data
@@ -120,12 +120,6 @@ class Pipeline:
         return y.clamp(0, 1) if self.inside else self.pre.inverse(y)
 
 
-def ema_decay(decay, step):
-    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)): a short run's average must not keep
-    a large share of the initial weights (0.999 ** 1000 = 37% of them after 1000 steps)."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 def load_resume(path, flow, opt, ema, device):
     """Load an EBFlow checkpoint into flow/opt/ema; returns its step. One-line CheckpointError otherwise."""
     state = load_checkpoint(path, map_location=device, kind="ebflow")
@@ -227,9 +221,8 @@ def main(argv=None):
         raise SystemExit(f"ebflow: error: {os_error_line(e)}") from None
 
 
-def train(args):
-    args.device = str(resolve_device(args.device))
-    torch.manual_seed(args.seed)
+def build(args):
+    """(data, pipeline, flow, arch name) for the flags; bad data or flags end with one line."""
     try:
         data = load_data(args.data, args.n_train, args.n_test, args.seed)
         image = data.n_bins is not None
@@ -239,97 +232,118 @@ def train(args):
         flow = build_flow(arch, data.shape, logit=inside, **kw.get(arch, {})).to(args.device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"ebflow: error: {e}") from None
-    pipe = Pipeline(data, inside)
-    opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
-    ckpt_path, csv_path, png_path = (os.path.join(args.out, f) for f in ("ckpt.pt", "log.csv", "samples.png"))
+    return data, Pipeline(data, inside), flow, arch
 
-    start = 0
-    init_batch = pipe.inputs(data.train[torch.randperm(len(data.train))[:min(1024, len(data.train))]])[0]
-    flow.initialize(init_batch.to(args.device))
-    ema = copy.deepcopy(flow).eval().requires_grad_(False) if args.ema > 0 else None
-    if args.resume:
-        start = load_resume(args.resume, flow, opt, ema, args.device)
-    log, new_log = claim_out(args.out, csv_path, ckpt_path, args.resume, args.overwrite)
-    evaluated = ema if ema is not None else flow
 
-    n_params = sum(p.numel() for p in flow.parameters())
-    print(f"EBFlow {arch} on {data.name} {data.shape}: {n_params:,} parameters, loss {args.loss}, "
-          f"{len(data.train)} train / {len(data.test)} test")
-    writer = csv.writer(log)
-    if new_log:
-        writer.writerow(["step", "loss", "test_nll_nats", "test_bpd", "seconds"])
-    history, skipped, t0 = [], 0, time.time()
+class RunLog:
+    """<out>/log.csv (one row per step; test NLL at evaluations) and the evaluation history."""
 
-    def evaluate(step, loss):
-        evaluated.eval()
-        nats, bpd = pipe.test_nll(evaluated)
-        writer.writerow([step, f"{loss:.6g}" if loss is not None else "", f"{nats:.6f}",
-                         f"{bpd:.6f}" if bpd is not None else "", f"{time.time() - t0:.2f}"])
-        log.flush()
-        history.append((step, nats, bpd))
+    def __init__(self, out, pipe, evaluated, resume, overwrite):
+        self.csv, self.ckpt, self.png = (os.path.join(out, f) for f in ("log.csv", "ckpt.pt", "samples.png"))
+        self.file, new = claim_out(out, self.csv, self.ckpt, resume, overwrite)
+        self.writer = csv.writer(self.file)
+        if new:
+            self.writer.writerow(["step", "loss", "test_nll_nats", "test_bpd", "seconds"])
+        self.pipe, self.evaluated, self.history, self.t0 = pipe, evaluated, [], time.time()
+
+    def evaluate(self, step, loss):
+        """Test NLL of the evaluated (EMA) flow, logged; returns (nats, bits/dim or None)."""
+        self.evaluated.eval()
+        nats, bpd = self.pipe.test_nll(self.evaluated)
+        self.row(step, loss, f"{nats:.6f}", f"{bpd:.6f}" if bpd is not None else "")
+        self.file.flush()
+        self.history.append((step, nats, bpd))
         return nats, bpd
 
+    def row(self, step, loss, nats="", bpd=""):
+        self.writer.writerow([step, f"{loss:.6g}" if loss is not None else "", nats, bpd,
+                              f"{time.time() - self.t0:.2f}"])
+
+
+def step_once(flow, opt, x, args, step):
+    """One optimizer step; returns (loss, applied): not applied when skipped (--on-nonfinite skip).
+    A non-finite loss or gradient stops the run (NonFiniteError) under --on-nonfinite stop."""
+    loss = compute_loss(flow, x, args.loss, lam=args.lam, sigma=args.sigma, eps=args.eps, n_slices=args.slices,
+                        dist=args.proj, n=1)
+    opt.zero_grad(set_to_none=True)
+    norm = None
+    if torch.isfinite(loss):  # (the loss is read on the host every step anyway)
+        loss.backward()
+        norm = (torch.nn.utils.clip_grad_norm_(flow.parameters(), args.grad_clip) if args.grad_clip > 0
+                else grad_norm(flow.parameters()))
+    if norm is None or not torch.isfinite(norm):
+        if args.on_nonfinite == "stop":
+            raise NonFiniteError(message(step, loss.item(), None if norm is None else norm.item(), advice=ADVICE))
+        opt.zero_grad(set_to_none=True)
+        return loss, False
+    opt.step()
+    return loss, True
+
+
+def save(path, flow, ema, opt, args, step):
+    """The checkpoint (atomic); refuses non-finite weights."""
+    state = {"model": flow.state_dict(), "ema": ema.model.state_dict() if ema else None,
+             "opt": opt.state_dict(), "args": vars(args), "step": step}
+    if not all_finite(list(state["model"].values()) + (list(state["ema"].values()) if ema else [])):
+        raise NonFiniteError(f"the weights at step {step} are non-finite; stopped without saving them. Try: {ADVICE}")
+    save_checkpoint(path, state)
+
+
+def train(args):
+    """Train, evaluate every --eval-every steps (checkpointing then), draw samples; returns the summary."""
+    args.device = str(resolve_device(args.device))
+    torch.manual_seed(args.seed)
+    data, pipe, flow, arch = build(args)
+    opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
+    init_batch = pipe.inputs(data.train[torch.randperm(len(data.train))[:min(1024, len(data.train))]])[0]
+    flow.initialize(init_batch.to(args.device))
+    ema = EMA(flow) if args.ema > 0 else None
+    start = load_resume(args.resume, flow, opt, ema and ema.model, args.device) if args.resume else 0
+    run = RunLog(args.out, pipe, ema.model if ema else flow, args.resume, args.overwrite)
+    print(f"EBFlow {arch} on {data.name} {data.shape}: {sum(p.numel() for p in flow.parameters()):,} parameters, "
+          f"loss {args.loss}, {len(data.train)} train / {len(data.test)} test")
     if start == 0:
-        evaluate(0, None)
-    opts = dict(sigma=args.sigma, eps=args.eps, n_slices=args.slices, dist=args.proj, n=1)
+        run.evaluate(0, None)
     bar = tqdm(range(start + 1, args.steps + 1), desc=f"ebflow {args.loss}", dynamic_ncols=True)
-    loss_ema = None
+    loss_avg, skipped = None, 0
     for step in bar:
         flow.train()
-        idx = torch.randint(0, len(data.train), (args.batch_size,))
-        x = pipe.inputs(data.train[idx])[0].to(args.device)
-        loss = compute_loss(flow, x, args.loss, lam=args.lam, **opts)
-        opt.zero_grad(set_to_none=True)
-        norm = None
-        if torch.isfinite(loss):  # (the loss is read on the host every step anyway)
-            loss.backward()
-            norm = (torch.nn.utils.clip_grad_norm_(flow.parameters(), args.grad_clip) if args.grad_clip > 0
-                    else grad_norm(flow.parameters()))
-        if norm is None or not torch.isfinite(norm):
-            value = loss.item()
-            if args.on_nonfinite == "stop":
-                raise NonFiniteError(message(step, value, None if norm is None else norm.item(), advice=ADVICE))
+        x = pipe.inputs(data.train[torch.randint(0, len(data.train), (args.batch_size,))])[0].to(args.device)
+        loss, applied = step_once(flow, opt, x, args, step)
+        if not applied:
             skipped += 1
-            opt.zero_grad(set_to_none=True)
             if skipped > args.max_skips:
                 raise NonFiniteError(f"more than --max-skips {args.max_skips} steps had a non-finite loss or "
-                                     f"gradient (the last at step {step}, loss {value:.4g}). Try: {ADVICE}")
+                                     f"gradient (the last at step {step}, loss {loss.item():.4g}). Try: {ADVICE}")
             continue
-        opt.step()
         if ema is not None:
-            with torch.no_grad():
-                decay = ema_decay(args.ema, step)
-                for pe, p in zip(ema.parameters(), flow.parameters()):
-                    pe.lerp_(p, 1 - decay)
-                for be, b in zip(ema.buffers(), flow.buffers()):
-                    be.copy_(b)
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+            ema.update(warmup_decay(args.ema, step))
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % args.eval_every == 0 or step == args.steps:
-            nats, bpd = evaluate(step, loss.item())
-            bar.set_postfix(loss=f"{loss_ema:.4g}", nll=f"{nats:.4f}", **({"bpd": f"{bpd:.3f}"} if bpd else {}))
-            state = {"model": flow.state_dict(), "ema": ema.state_dict() if ema else None,
-                     "opt": opt.state_dict(), "args": vars(args), "step": step}
-            if not all_finite(list(state["model"].values()) + (list(state["ema"].values()) if ema else [])):
-                raise NonFiniteError(f"the weights at step {step} are non-finite; stopped without saving them. "
-                                     f"Try: {ADVICE}")
-            save_checkpoint(ckpt_path, state)
+            nats, bpd = run.evaluate(step, loss.item())
+            bar.set_postfix(loss=f"{loss_avg:.4g}", nll=f"{nats:.4f}", **({"bpd": f"{bpd:.3f}"} if bpd else {}))
+            save(run.ckpt, flow, ema, opt, args, step)
         else:
-            writer.writerow([step, f"{loss.item():.6g}", "", "", f"{time.time() - t0:.2f}"])
-    if not history:
-        evaluate(start, None)
-    log.close()
-    save_samples(evaluated, pipe, png_path, args.seed)
-    seconds = time.time() - t0
-    final = history[-1]
-    best = min(history, key=lambda h: h[1])
+            run.row(step, loss.item())
+    if not run.history:
+        run.evaluate(start, None)
+    run.file.close()
+    save_samples(run.evaluated, pipe, run.png, args.seed)
+    return summarize(args, data, arch, run, start, skipped)
+
+
+def summarize(args, data, arch, run, start, skipped):
+    """The summary dict, printed in two lines."""
+    seconds, history = time.time() - run.t0, run.history
+    final, best = history[-1], min(history, key=lambda h: h[1])
     summary = {"data": data.name, "arch": arch, "loss": args.loss, "steps": args.steps, "seconds": seconds,
                "initial_nll": history[0][1], "final_nll": final[1], "final_bpd": final[2],
                "best_nll": best[1], "best_step": best[0], "skipped_steps": skipped,
-               "csv": csv_path, "ckpt": ckpt_path, "png": png_path}
+               "csv": run.csv, "ckpt": run.ckpt, "png": run.png}
     unit = f" nats ({final[2]:.4f} bits/dim)" if final[2] is not None else " nats"
     print(f"done: {args.steps - start} steps in {seconds:.1f}s; test NLL {history[0][1]:.4f} -> "
           f"{final[1]:.4f}{unit}; best {best[1]:.4f} at step {best[0]}; skipped {skipped}")
-    print(f"wrote {csv_path}, {ckpt_path}, {png_path}")
+    print(f"wrote {run.csv}, {run.ckpt}, {run.png}")
     return summary
 
 
