@@ -176,12 +176,13 @@ def main(argv=None):
 
 
 def apply_runtime(model, rt, device):
-    """Route `model` through the kernels or not and pick the sampling precision: bf16 or fp32 (+TF32, as the
-    published sampler); returns the precision, the same on every rank."""
+    """Every execution choice of a sampling run, made here: `model` through the kernels or not; returns the
+    eqm.sampling.sample keywords precision (bf16, or fp32 with TF32 as the published sampler; the same on every
+    rank) and compile."""
     torch.set_float32_matmul_precision("high")  # TF32, as the published sampler
     model.fused = rt.fused
     precision = distributed.broadcast_object(runtime.resolve_precision(rt.precision, device))  # one for all ranks
-    return "bf16" if precision == "bf16" else "fp32"
+    return dict(precision="bf16" if precision == "bf16" else "fp32", compile=bool(rt.compile))
 
 
 def load_model(cfg, ckpt, logger):
@@ -208,7 +209,7 @@ def load_vae(cfg, device):
         raise SystemExit(f"eqm-sample: error: {e}") from None
 
 
-def sample_batch(model, vae, cfg, idx, labels, precision, device):
+def sample_batch(model, vae, cfg, idx, labels, execution, device):
     """Samples idx (images in [-1, 1], decoded), and the field evaluations they took; non-finite ones exit."""
     m, s = cfg.model, cfg.sampling
     # the published rule guides channels 0..2 (x[:, :3]), which on a 1-channel model is every channel
@@ -217,7 +218,7 @@ def sample_batch(model, vae, cfg, idx, labels, precision, device):
     with torch.no_grad():
         out, stats = sample(model, x, labels[idx].to(device), steps=s.steps, cfg_scale=s.cfg_scale,
                             cfg_channels=cfg_channels, stop_grad_norm=s.stop_grad_norm, return_stats=True,
-                            precision=precision, compile=bool(cfg.runtime.compile), **s.options())
+                            **execution, **s.options())
         out = out.float()
         bad = (~torch.isfinite(out.flatten(1)).all(1)).nonzero().flatten().tolist()
         if bad:
@@ -234,14 +235,14 @@ def run(cfg, ckpt, dist_info):
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     logger = create_logger(None, rank, name="eqm-sample")
     model = load_model(cfg, ckpt, logger).to(device).eval().requires_grad_(False)
-    precision = apply_runtime(model, cfg.runtime, device)
+    execution = apply_runtime(model, cfg.runtime, device)
     vae = load_vae(cfg, device)
     n, s = cfg.num_fid_samples, cfg.sampling
     bs = cfg.per_proc_batch_size or max(1, cfg.global_batch_size // world)
     labels = sample_labels(n, cfg.model.num_classes, cfg.runtime.global_seed)
     mine = list(range(rank, n, world))  # this rank's share: disjoint, interleaved like the published code
     threads = runtime.configure_threads(model, min(bs, len(mine) or 1), device=device)
-    logger.info(f"Precision {precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
+    logger.info(f"Precision {execution['precision']} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
     problem = distributed.broadcast_object(prepare_folder(cfg.folder, cfg.overwrite) if rank == 0 else None)
     if problem:
         raise SystemExit(f"eqm-sample: error: {problem}")
@@ -252,7 +253,7 @@ def run(cfg, ckpt, dist_info):
     t0, nfe = time.time(), 0
     for start in tqdm(range(0, len(mine), bs), desc="sampling", disable=None if rank == 0 else True):
         idx = mine[start:start + bs]
-        out, used = sample_batch(model, vae, cfg, idx, labels, precision, device)
+        out, used = sample_batch(model, vae, cfg, idx, labels, execution, device)
         nfe += used
         for i, img in zip(idx, to_uint8(out)):
             Image.fromarray(img).save(os.path.join(cfg.folder, f"{i:06d}.png"))

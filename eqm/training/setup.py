@@ -107,8 +107,8 @@ def make_step(cfg, model, ema, opt, strategy, compile_step, device):
     """The TrainStep of the EqM objective (EMA update included), with the CPU thread governor around it."""
     o, ob, rt = cfg.optim, cfg.objective, cfg.runtime
     step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=o.ema_decay, precision=rt.precision,
-                        compile=compile_step, ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a, lam=ob.ct_lam,
-                        ct_shape=ob.ct_shape, model_kwargs=dict(return_act=ob.disp), check_finite=True,
+                        compile=compile_step, ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a,
+                        lam=ob.ct_lam, ct_shape=ob.ct_shape, model_kwargs=dict(return_act=ob.disp), check_finite=True,
                         skip_nonfinite=rt.on_nonfinite == "skip")
     return runtime.ThreadGovernor(step_fn, enabled=device.type == "cpu" and strategy.world == 1)
 
