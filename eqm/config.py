@@ -105,7 +105,7 @@ class RuntimeConfig:
     fused: bool = False  # the Triton kernels of kernels/ on the hot path
     compile: bool = False  # torch.compile the step
     fsdp: bool = False
-    threads: Optional[int] = None  # None: probed for the model (eqm.runtime)
+    threads: Optional[int] = None  # CPU threads; None: probed for the model (eqm.runtime; no flag sets it yet)
     global_seed: int = 0
     dist_timeout: float = 10.0  # minutes
     on_nonfinite: str = "stop"
@@ -128,6 +128,14 @@ class SamplingConfig:
     atol: float = 1e-5
     rtol: float = 1e-5
     stop_grad_norm: Optional[float] = None
+
+    @classmethod
+    def from_args(cls, args, **resolved):
+        """The sampler flags of eqm-sample and eqm.tasks (--sampler, --mu and add_sampler_options's); `resolved`:
+        the values the CLI resolved itself (stepsize, steps, cfg_scale, ...)."""
+        flags = dict(sampler=args.sampler, mu=args.mu, schedule=args.schedule, adam_betas=tuple(args.adam_betas),
+                     temperature=args.temperature, ode_method=args.ode_method, atol=args.atol, rtol=args.rtol)
+        return cls(**{**flags, **resolved})
 
     def options(self):
         """The eqm.sampling.sample keywords that pick and configure the sampler."""
@@ -327,9 +335,9 @@ class SampleConfig:
         stepsize = args.stepsize
         if stepsize is None:  # the field's scale is lam: move as far per step as with the published lam 4
             stepsize = PRESETS[preset]["stepsize"] * PUBLISHED_CT["lam"] / obj.ct_lam
-        sampling = SamplingConfig(args.sampler, args.num_sampling_steps, stepsize, pick("cfg_scale"),
-                                  args.cfg_channels, args.mu, args.schedule, tuple(args.adam_betas),
-                                  args.temperature, args.ode_method, args.atol, args.rtol, args.stop_grad_norm)
+        sampling = SamplingConfig.from_args(args, steps=args.num_sampling_steps, stepsize=stepsize,
+                                            cfg_scale=pick("cfg_scale"), cfg_channels=args.cfg_channels,
+                                            stop_grad_norm=args.stop_grad_norm)
         runtime = RuntimeConfig(args.device, args.precision, on_cuda if args.fused is None else args.fused,
                                 on_cuda if args.compile is None else args.compile, global_seed=args.global_seed,
                                 dist_timeout=args.dist_timeout)

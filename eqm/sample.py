@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from eqm import distributed, runtime, validate as V, vae as vae_lib
 from eqm.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from eqm.config import NO_CHECKPOINT, SampleConfig, trained_settings
+from eqm.config import NO_CHECKPOINT, SampleConfig, SamplingConfig, trained_settings
 from eqm.sampling import ODE_METHODS, SAMPLERS, SCHEDULES, sample
 from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, str2bool
 from eqm.utils import create_logger, find_outputs, save_image_grid, to_uint8
@@ -118,10 +118,8 @@ def check_sampler_args(args, parser):
 
 
 def sampler_options(args):
-    """The eqm.sampling.sample keywords that pick and configure the sampler."""
-    return dict(sampler=args.sampler, stepsize=args.stepsize, mu=args.mu, schedule=args.schedule,
-                betas=tuple(args.adam_betas), temperature=args.temperature, method=args.ode_method,
-                atol=args.atol, rtol=args.rtol)
+    """The eqm.sampling.sample keywords that pick and configure the sampler, from parsed sampler flags."""
+    return SamplingConfig.from_args(args, stepsize=args.stepsize).options()
 
 
 def prepare_folder(folder, overwrite):

@@ -98,7 +98,7 @@ def build_models(cfg, world, device, logger):
     compile_step, compile_blocks = apply_runtime(model, cfg.runtime)
     ema = deepcopy(model).requires_grad_(False)
     logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
-    threads = runtime.configure_threads(model, cfg.data.global_batch_size // world, device=device)
+    threads = runtime.configure_threads(model, cfg.data.global_batch_size // world, cfg.runtime.threads, device)
     logger.info(f"Precision {cfg.runtime.precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
     return model, ema, (compile_step, compile_blocks)
 
