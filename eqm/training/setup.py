@@ -138,7 +138,7 @@ def build_trainer(cfg, info):
     total = step_budget(cfg.optim, loader.batches_per_epoch)
     log = LossLog(cfg, device, logger, total, state.step, exp_dir, strategy.is_main)
     grids = SampleGrids(cfg, cfg.sample_every, vae, source.num_classes, exp_dir, logger, device)
-    return Trainer(cfg, model=model, ema=ema, step_fn=step_fn, opt=opt, loader=loader, encode=not source.latent,
-                   vae=vae, strategy=strategy,
+    return Trainer(cfg, model=model, ema=ema, step_fn=step_fn, opt=opt, loader=loader,
+                   encoder=None if source.latent else vae, strategy=strategy,
                    checkpointer=checkpointer, guard=NonFiniteGuard(device), state=state, total_steps=total,
                    log=log, callbacks=[grids], exp_dir=exp_dir, logger=logger, device=device)

@@ -18,11 +18,11 @@ def step_budget(optim, batches_per_epoch):
 class Trainer:
     """Runs cfg's training from `state` to the step budget; `fit()` returns the run's summary dict."""
 
-    def __init__(self, cfg, *, model, ema, step_fn, opt, loader, encode, vae, strategy, checkpointer, guard, state,
+    def __init__(self, cfg, *, model, ema, step_fn, opt, loader, encoder, strategy, checkpointer, guard, state,
                  total_steps, log, callbacks, exp_dir, logger, device):
         self.cfg, self.model, self.ema, self.step_fn, self.opt = cfg, model, ema, step_fn, opt
-        self.loader, self.vae_encodes = loader, encode and vae is not None  # latent data need no encoder
-        self.vae, self.strategy, self.checkpointer, self.guard = vae, strategy, checkpointer, guard
+        self.loader, self.encoder = loader, encoder  # the VAE that encodes each batch; None for pixels and latents
+        self.strategy, self.checkpointer, self.guard = strategy, checkpointer, guard
         self.state, self.log, self.callbacks = state, log, [log, *callbacks]
         self.exp_dir, self.logger, self.device = exp_dir, logger, device
         self.start_step, self.skipped, self.total_steps = state.step, 0, total_steps
@@ -58,8 +58,8 @@ class Trainer:
     def model_inputs(self, x, y):
         """A batch on the device, VAE-encoded unless the data are latents already."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.vae_encodes:
-            x = vae_lib.encode(self.vae, x)
+        if self.encoder is not None:
+            x = vae_lib.encode(self.encoder, x)
         return x, y
 
     def after_step(self, loss):
