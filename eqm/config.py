@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses resolved once from the parsed flags and a preset, then passed down.
 
-Every published flag of train.py / sample_gd.py maps onto a field (the field has the flag's name, except
-ModelConfig.name for --model). A preset ("published" for ImageNet, "digits" for the built-in 8x8 digits)
+Every published flag of train.py / sample_gd.py maps onto a field (`published_args()` spells out the mapping,
+which gives back the published Namespace). A preset ("published" for ImageNet, "digits" for the built-in 8x8 digits)
 fills what the command line left unset; explicit flags always win. After `TrainConfig.from_args` /
 `SampleConfig.from_args` nothing edits the parsed Namespace: a setting only known at run time (the
 probed precision, the data's channels, one process with --fsdp) gives a new config (`dataclasses.replace`).
@@ -14,9 +14,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from eqm import vae as vae_lib
 from eqm.latents import vae_factor
 from eqm.models import EqM_models
-from eqm import vae as vae_lib
 
 # One table for both CLIs, keyed by flag name: what an unset flag becomes.
 PRESETS = {
@@ -37,10 +37,6 @@ PRESETS = {
 PUBLISHED_CT = dict(shape="truncated-linear", a=0.8, lam=4.0)
 
 
-class ConfigError(ValueError):
-    """A combination of settings that cannot run; the message is one line naming the flags."""
-
-
 def preset_name(data_path):
     """"digits" for the built-in digits, else "published"."""
     return "digits" if data_path == "digits" else "published"
@@ -50,7 +46,7 @@ def preset_name(data_path):
 class ModelConfig:
     """The network: what EqM_models[name](...) is built with (all of it is in the checkpoint)."""
     name: str  # registry name (--model), e.g. "EqM-XL/2"
-    input_size: int  # the model's input side: the image size, or the image size / 8 for latents
+    input_size: int  # the model's input side: the image size, or the image size / the VAE factor for latents
     in_channels: int  # 4 for VAE latents; the image's channels in pixel space
     num_classes: int
     uncond: bool = True  # t = 0 always (EqM); False feeds t like SiT
@@ -231,12 +227,13 @@ class TrainConfig:
                               uncond=args.uncond, ebm=args.ebm),
             data=DataConfig(args.data_path, image_size, vae, pick("global_batch_size"), args.num_workers, args.dali),
             objective=ObjectiveConfig(args.ct_shape, args.ct_a, args.ct_lam, args.disp),
-            optim=OptimConfig(pick("lr"), pick("ema_decay"), args.grad_clip,
-                              args.epochs if args.epochs is not None else PRESETS["published"]["epochs"], max_steps,
+            optim=OptimConfig(pick("lr"), pick("ema_decay"), args.grad_clip, pick("epochs"), max_steps,
                               args.fresh_optimizer),
-            runtime=RuntimeConfig(args.device, args.precision, on_cuda if args.fused is None else args.fused,
-                                  on_cuda if args.compile is None else args.compile, args.fsdp, None,
-                                  args.global_seed, args.dist_timeout, args.on_nonfinite, args.max_skips),
+            runtime=RuntimeConfig(device=args.device, precision=args.precision,
+                                  fused=on_cuda if args.fused is None else args.fused,
+                                  compile=on_cuda if args.compile is None else args.compile, fsdp=args.fsdp,
+                                  global_seed=args.global_seed, dist_timeout=args.dist_timeout,
+                                  on_nonfinite=args.on_nonfinite, max_skips=args.max_skips),
             grids=SamplingConfig("gd", args.sample_steps, pick("sample_stepsize"), pick("cfg_scale")),
             results_dir=args.results_dir, ckpt=args.ckpt, log_every=args.log_every, ckpt_every=pick("ckpt_every"),
             sample_every=pick("sample_every"), wandb=args.wandb, preset=preset,
@@ -279,13 +276,18 @@ class TrainedSettings:
     objective: ObjectiveConfig
 
 
+def _from_dict(cls, d):
+    """cls(**d) for the fields cls has (a checkpoint of another version may hold more or fewer)."""
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
 def trained_settings(ckpt):
     """The model, data and c(t) a checkpoint was trained with: from its `config` (written here), else from
     the published `args` Namespace (published checkpoints: no input_size / in_channels), else all None."""
     cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
     if isinstance(cfg, dict) and {"model", "data", "objective"} <= set(cfg):
-        return TrainedSettings(ModelConfig(**cfg["model"]), DataConfig(**cfg["data"]),
-                               ObjectiveConfig(**cfg["objective"]))
+        return TrainedSettings(_from_dict(ModelConfig, cfg["model"]), _from_dict(DataConfig, cfg["data"]),
+                               _from_dict(ObjectiveConfig, cfg["objective"]))
     a = ckpt.get("args") if isinstance(ckpt, dict) else None
     a = {} if a is None else dict(vars(a)) if isinstance(a, argparse.Namespace) else dict(a)
     return TrainedSettings(
@@ -338,9 +340,10 @@ class SampleConfig:
         sampling = SamplingConfig.from_args(args, steps=args.num_sampling_steps, stepsize=stepsize,
                                             cfg_scale=pick("cfg_scale"), cfg_channels=args.cfg_channels,
                                             stop_grad_norm=args.stop_grad_norm)
-        runtime = RuntimeConfig(args.device, args.precision, on_cuda if args.fused is None else args.fused,
-                                on_cuda if args.compile is None else args.compile, global_seed=args.global_seed,
-                                dist_timeout=args.dist_timeout)
+        runtime = RuntimeConfig(device=args.device, precision=args.precision,
+                                fused=on_cuda if args.fused is None else args.fused,
+                                compile=on_cuda if args.compile is None else args.compile,
+                                global_seed=args.global_seed, dist_timeout=args.dist_timeout)
         return cls(ModelConfig(model, input_size, in_channels, pick("num_classes", tm.num_classes),
                                first(args.uncond, tm.uncond, True), first(args.ebm, tm.ebm, "none")),
                    image_size, vae, sampling, runtime, obj, args.ckpt, args.folder, pick("num_fid_samples"),
