@@ -98,8 +98,8 @@ class RuntimeConfig:
     """How the computation runs: device, precision, kernels, compile, processes, seeds, faults."""
     device: Optional[str] = None  # None: cuda when available
     precision: str = "auto"  # auto (probed at start) | fp32 | tf32 | bf16
-    fused: bool = False  # the Triton kernels of kernels/ on the hot path
-    compile: bool = False  # torch.compile the step
+    fused: Optional[bool] = None  # the Triton ops of kernels/ (eqm.execution ops "triton"); None: on CUDA if they run
+    compile: Optional[bool] = None  # torch.compile the step; None: on CUDA (eqm.execution.default_compile)
     fsdp: bool = False
     threads: Optional[int] = None  # CPU threads; None: probed for the model (eqm.runtime; no flag sets it yet)
     global_seed: int = 0
@@ -208,10 +208,10 @@ class TrainConfig:
     transport: dict = field(default_factory=dict)  # the published SiT flags: accepted, stored, unused
 
     @classmethod
-    def from_args(cls, args, error, on_cuda=False, latent_manifest=None):
+    def from_args(cls, args, error, latent_manifest=None):
         """Resolve parsed flags with the preset of their --data-path. error(msg) reports a bad combination;
-        on_cuda: --fused/--compile default on; latent_manifest: a latent folder's manifest (its VAE, image size
-        and downsampling factor)."""
+        latent_manifest: a latent folder's manifest (its VAE, image size and downsampling factor). Device-dependent
+        choices (--fused, --compile, --precision auto) stay "auto" (None) until eqm.execution resolves them."""
         preset = preset_name(args.data_path)
         pick = lambda name: _preset_value(args, preset, name)  # noqa: E731
         m = latent_manifest or {}
@@ -229,9 +229,8 @@ class TrainConfig:
             objective=ObjectiveConfig(args.ct_shape, args.ct_a, args.ct_lam, args.disp),
             optim=OptimConfig(pick("lr"), pick("ema_decay"), args.grad_clip, pick("epochs"), max_steps,
                               args.fresh_optimizer),
-            runtime=RuntimeConfig(device=args.device, precision=args.precision,
-                                  fused=on_cuda if args.fused is None else args.fused,
-                                  compile=on_cuda if args.compile is None else args.compile, fsdp=args.fsdp,
+            runtime=RuntimeConfig(device=args.device, precision=args.precision, fused=args.fused,
+                                  compile=args.compile, fsdp=args.fsdp,
                                   global_seed=args.global_seed, dist_timeout=args.dist_timeout,
                                   on_nonfinite=args.on_nonfinite, max_skips=args.max_skips),
             grids=SamplingConfig("gd", args.sample_steps, pick("sample_stepsize"), pick("cfg_scale")),
@@ -321,9 +320,10 @@ class SampleConfig:
     transport: dict = field(default_factory=dict)
 
     @classmethod
-    def from_args(cls, args, error, trained=NO_CHECKPOINT, on_cuda=False):
+    def from_args(cls, args, error, trained=NO_CHECKPOINT):
         """Explicit flags win, then what the checkpoint was trained with (`trained_settings`), then the preset
-        of the data path. error(msg) reports a bad combination; on_cuda: --fused/--compile default on."""
+        of the data path. error(msg) reports a bad combination; --fused / --compile / --precision stay "auto"
+        (None) until eqm.execution resolves them on the device."""
         tm, td = trained.model, trained.data
         first = lambda *vs: next((v for v in vs if v is not None), None)  # noqa: E731
         data_path = first(args.data_path, td.data_path)
@@ -340,9 +340,7 @@ class SampleConfig:
         sampling = SamplingConfig.from_args(args, steps=args.num_sampling_steps, stepsize=stepsize,
                                             cfg_scale=pick("cfg_scale"), cfg_channels=args.cfg_channels,
                                             stop_grad_norm=args.stop_grad_norm)
-        runtime = RuntimeConfig(device=args.device, precision=args.precision,
-                                fused=on_cuda if args.fused is None else args.fused,
-                                compile=on_cuda if args.compile is None else args.compile,
+        runtime = RuntimeConfig(device=args.device, precision=args.precision, fused=args.fused, compile=args.compile,
                                 global_seed=args.global_seed, dist_timeout=args.dist_timeout)
         return cls(ModelConfig(model, input_size, in_channels, pick("num_classes", tm.num_classes),
                                first(args.uncond, tm.uncond, True), first(args.ebm, tm.ebm, "none")),

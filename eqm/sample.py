@@ -18,6 +18,7 @@ from tqdm import tqdm
 from eqm import distributed, runtime, validate as V, vae as vae_lib
 from eqm.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from eqm.config import NO_CHECKPOINT, SampleConfig, SamplingConfig, trained_settings
+from eqm.execution import resolve_execution, set_precision, use_execution
 from eqm.sampling import ODE_METHODS, SAMPLERS, SCHEDULES, sample
 from eqm.train import EBM_CHOICES, HelpFormatter, add_transport_args, str2bool
 from eqm.utils import create_logger, find_outputs, save_image_grid, to_uint8
@@ -97,8 +98,7 @@ def resolve_config(args, parser, ckpt=None):
     """The SampleConfig of parsed flags: explicit flags win, then what the checkpoint was trained with (its
     `config`, else its published `args`), then the preset of the data path. The Namespace is not edited."""
     trained = trained_settings(ckpt) if ckpt is not None else NO_CHECKPOINT
-    on_cuda = torch.cuda.is_available() and args.device != "cpu"
-    cfg = SampleConfig.from_args(args, parser.error, trained, on_cuda=on_cuda)
+    cfg = SampleConfig.from_args(args, parser.error, trained)
     check_sampler_args(args, parser)
     return cfg
 
@@ -174,13 +174,17 @@ def main(argv=None):
 
 
 def apply_runtime(model, rt, device):
-    """Every execution choice of a sampling run, made here: `model` through the kernels or not; returns the
-    eqm.sampling.sample keywords precision (bf16, or fp32 with TF32 as the published sampler; the same on every
-    rank) and compile."""
-    torch.set_float32_matmul_precision("high")  # TF32, as the published sampler
-    model.fused = rt.fused
-    precision = distributed.broadcast_object(runtime.resolve_precision(rt.precision, device))  # one for all ranks
-    return dict(precision="bf16" if precision == "bf16" else "fp32", compile=bool(rt.compile))
+    """The run's eqm.execution.Execution (ops, compile, precision; rank 0's precision on every rank), set on
+    `model`; returns the eqm.sampling.sample keywords: precision (bf16, or fp32 with TF32 matmuls as the
+    published sampler) and compile."""
+    try:
+        execution = resolve_execution(device, ops=rt.fused, compile=rt.compile, precision=rt.precision)
+    except ValueError as e:
+        raise SystemExit(f"eqm-sample: error: {e}") from None
+    precision = distributed.broadcast_object(execution.precision)
+    set_precision("tf32" if precision != "bf16" else "bf16")  # TF32 for fp32 matmuls, as the published sampler
+    use_execution(model, execution)
+    return dict(precision="bf16" if precision == "bf16" else "fp32", compile=execution.compile)
 
 
 def load_model(cfg, ckpt, logger):

@@ -9,8 +9,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 from eqm import distributed, validate as V
 from eqm.checkpoint import CheckpointError
 from eqm.config import TrainConfig
@@ -140,8 +138,7 @@ def resolve_config(args, parser):
     if args.fresh_optimizer and not args.ckpt:
         parser.error("--fresh-optimizer goes with --ckpt (it starts a new AdamW for the checkpoint's weights)")
     manifest = read_manifest(args.data_path) if is_latent_dir(args.data_path) else None  # its VAE and image size
-    on_cuda = torch.cuda.is_available() and args.device != "cpu"
-    cfg = TrainConfig.from_args(args, parser.error, on_cuda=on_cuda, latent_manifest=manifest)
+    cfg = TrainConfig.from_args(args, parser.error, latent_manifest=manifest)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and cfg.data.global_batch_size % world:
         parser.error(f"--global-batch-size {cfg.data.global_batch_size} is not divisible by the {world} processes")

@@ -73,7 +73,8 @@ def test_checkpoint_config_is_plain_data_and_matches_args(trained):
     assert cfg["model"] == {"name": "EqM-Ti/4", "input_size": 8, "in_channels": 1, "num_classes": 10,
                             "uncond": True, "ebm": "none"}
     assert cfg["data"]["vae"] == "none" and cfg["data"]["image_size"] == 8 and cfg["objective"]["ct_lam"] == 2.0
-    assert cfg["runtime"]["precision"] in ("fp32", "tf32", "bf16")  # resolved, not "auto"
+    rt = cfg["runtime"]  # resolved by eqm.execution, not "auto": on this CPU no Triton ops and no compile
+    assert rt["precision"] in ("fp32", "tf32", "bf16") and (rt["fused"], rt["compile"]) == (False, False)
     a = ck["args"]  # the published Namespace stays, with the same values
     assert isinstance(a, argparse.Namespace)
     assert (a.model, a.input_size, a.in_channels, a.ct_lam) == ("EqM-Ti/4", 8, 1, 2.0)
@@ -104,3 +105,15 @@ def test_published_style_checkpoint_without_config_samples_from_args(trained, tm
     s = sample.main(["--ckpt", str(path), "--folder", str(tmp_path / "s"), "--num-fid-samples", "2",
                      "--num-sampling-steps", "2"])
     assert np.load(s["npz"])["arr_0"].shape == (2, 8, 8, 3) and s["ct"]["lam"] == 4.0
+
+
+def test_triton_ops_where_they_cannot_run_is_one_line(tmp_path, monkeypatch):
+    from eqm import execution
+
+    monkeypatch.setattr(execution, "triton_unavailable", lambda device: "no kernels here: use --no-fused")
+    with pytest.raises(SystemExit, match="eqm-train: error: Triton ops were asked for .* use --no-fused"):
+        train.main(["--data-path", "digits", "--image-size", "4", "--max-steps", "1", "--fused",
+                    "--results-dir", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="eqm-sample: error: Triton ops were asked for .* use --no-fused"):
+        sample.main(["--data-path", "digits", "--image-size", "4", "--num-fid-samples", "1", "--fused",
+                     "--folder", str(tmp_path / "s")])

@@ -12,6 +12,7 @@ import torch
 
 from eqm import data as data_lib, distributed, runtime, vae as vae_lib
 from eqm.ema import EMA
+from eqm.execution import Execution, resolve_execution, set_precision, use_execution
 from eqm.fast import TrainStep, make_optimizer
 from eqm.guard import NonFiniteGuard
 from eqm.training.callbacks import LossLog, SampleGrids
@@ -25,28 +26,29 @@ from eqm.utils import claim_run_dir, create_logger, format_config
 #        Execution choices: precision, kernels, compile (made here only)        #
 #################################################################################
 
-def set_precision(precision):
-    """TF32 on for tf32/bf16 (the published setting), off for strict fp32."""
-    tf32 = precision in ("tf32", "bf16")
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
 def resolve_runtime(rt, world, device):
-    """The RuntimeConfig with its run-time choices made: precision "auto" probed (rank 0's choice for all ranks)
-    and set; --fsdp off in a single process. Runs before the seed is set (the probe draws random numbers)."""
+    """The RuntimeConfig with its run-time choices made by eqm.execution: ops (--fused), compile and precision
+    ("auto" probed; rank 0's choice for all ranks, then set); --fsdp off in a single process. Runs before the
+    seed is set (the precision probe draws random numbers)."""
     if rt.fsdp and world == 1:
         print("note: --fsdp with a single process has nothing to shard: training unsharded "
               "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
-    precision = distributed.broadcast_object(runtime.resolve_precision(rt.precision, device))
+    try:
+        execution = resolve_execution(device, ops=rt.fused, compile=rt.compile, precision=rt.precision)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    precision = distributed.broadcast_object(execution.precision)
     set_precision(precision)
-    return dataclasses.replace(rt, precision=precision, fsdp=rt.fsdp and world > 1)
+    return dataclasses.replace(rt, fused=execution.ops == "triton", compile=execution.compile, precision=precision,
+                               fsdp=rt.fsdp and world > 1)
 
 
 def apply_runtime(model, rt):
-    """Route `model` through the kernels or not; returns (compile the step, compile the blocks under FSDP)."""
-    model.fused = rt.fused
-    return rt.compile and not rt.fsdp, rt.compile
+    """Set the resolved execution on `model`; returns the Execution of the training step (FSDP compiles the
+    blocks instead of the step) and whether to compile the blocks."""
+    execution = Execution("triton" if rt.fused else "reference", rt.compile and not rt.fsdp, rt.precision)
+    use_execution(model, execution)
+    return execution, rt.compile
 
 
 #################################################################################
@@ -95,19 +97,19 @@ def load_vae(cfg, source, device, logger):
 def build_models(cfg, world, device, logger):
     """(model, ema) on the device, their execution set (apply_runtime), the CPU threads chosen for them."""
     model = cfg.model.build().to(device)
-    compile_step, compile_blocks = apply_runtime(model, cfg.runtime)
+    step_execution, compile_blocks = apply_runtime(model, cfg.runtime)
     ema = deepcopy(model).requires_grad_(False)
     logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
     threads = runtime.configure_threads(model, cfg.data.global_batch_size // world, cfg.runtime.threads, device)
     logger.info(f"Precision {cfg.runtime.precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
-    return model, ema, (compile_step, compile_blocks)
+    return model, ema, (step_execution, compile_blocks)
 
 
-def make_step(cfg, model, ema, opt, strategy, compile_step, device):
+def make_step(cfg, model, ema, opt, strategy, execution, device):
     """The TrainStep of the EqM objective (EMA update included), with the CPU thread governor around it."""
     o, ob, rt = cfg.optim, cfg.objective, cfg.runtime
-    step_fn = TrainStep(model, opt, ema=EMA(model, ema), ema_decay=o.ema_decay, precision=rt.precision,
-                        compile=compile_step, ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a,
+    step_fn = TrainStep(model, opt, execution=execution, ema=EMA(model, ema), ema_decay=o.ema_decay,
+                        ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a,
                         lam=ob.ct_lam, ct_shape=ob.ct_shape, model_kwargs=dict(return_act=ob.disp), check_finite=True,
                         skip_nonfinite=rt.on_nonfinite == "skip")
     return runtime.ThreadGovernor(step_fn, enabled=device.type == "cpu" and strategy.world == 1)
@@ -125,14 +127,14 @@ def build_trainer(cfg, info):
     logger.info("Resolved configuration:\n" + format_config(cfg.published_args()))
     if rank == 0:
         print(f"Experiment directory: {exp_dir}", flush=True)
-    model, ema, (compile_step, compile_blocks) = build_models(cfg, world, device, logger)
+    model, ema, (step_execution, compile_blocks) = build_models(cfg, world, device, logger)
     strategy = make_strategy(cfg.runtime.fsdp, rank, world)
     checkpointer = Checkpointer(cfg, exp_dir, strategy, device, logger)
     state, saved_opt = checkpointer.load(model, ema, loader.batches_per_epoch) if cfg.ckpt else (TrainState(), None)
     strategy.wrap(model, ema, compile_blocks=compile_blocks, grids=bool(cfg.sample_every))
     opt = make_optimizer(model, lr=cfg.optim.lr)
     checkpointer.restore_optimizer(model, opt, saved_opt)
-    step_fn = make_step(cfg, model, ema, opt, strategy, compile_step, device)
+    step_fn = make_step(cfg, model, ema, opt, strategy, step_execution, device)
     model.train()  # enables label dropout for classifier-free guidance
     ema.eval()
     total = step_budget(cfg.optim, loader.batches_per_epoch)
