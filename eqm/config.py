@@ -99,7 +99,7 @@ class RuntimeConfig:
     device: Optional[str] = None  # None: cuda when available
     precision: str = "auto"  # auto (probed at start) | fp32 | tf32 | bf16
     fused: Optional[bool] = None  # the Triton ops of kernels/ (eqm.execution ops "triton"); None: on CUDA if they run
-    compile: Optional[bool] = None  # torch.compile the step; None: on CUDA (eqm.execution.default_compile)
+    compile: Optional[bool] = None  # torch.compile the step; None: "auto" (where it pays; see eqm.compiling)
     fsdp: bool = False
     threads: Optional[int] = None  # CPU threads; None: probed for the model (eqm.runtime; no flag sets it yet)
     global_seed: int = 0

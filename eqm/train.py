@@ -101,7 +101,8 @@ def get_parser():
     g.add_argument("--sample-stepsize", type=float, default=None, help="[0.003] GD step size for those grids; "
                    "digits: 0.01")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the forward + loss (fullgraph); default: on with CUDA")
+                   help="torch.compile the forward + loss (fullgraph); default: where it pays (timed eager steps "
+                        "against the compile cost measured here before; eqm.compiling), on with CUDA for DDP/FSDP")
     g.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state over the "
                    "processes (FSDP2, per block) instead of DDP: for models too large to replicate")
     g.add_argument("--dali", action="store_true", help="decode, crop and flip ImageFolder JPEGs with NVIDIA DALI "

@@ -73,8 +73,9 @@ def test_checkpoint_config_is_plain_data_and_matches_args(trained):
     assert cfg["model"] == {"name": "EqM-Ti/4", "input_size": 8, "in_channels": 1, "num_classes": 10,
                             "uncond": True, "ebm": "none"}
     assert cfg["data"]["vae"] == "none" and cfg["data"]["image_size"] == 8 and cfg["objective"]["ct_lam"] == 2.0
-    rt = cfg["runtime"]  # resolved by eqm.execution, not "auto": on this CPU no Triton ops and no compile
-    assert rt["precision"] in ("fp32", "tf32", "bf16") and (rt["fused"], rt["compile"]) == (False, False)
+    # resolved by eqm.execution: on this CPU no Triton ops; one process keeps compile "auto" (None: timed in the run)
+    rt = cfg["runtime"]
+    assert rt["precision"] in ("fp32", "tf32", "bf16") and rt["fused"] is False and rt["compile"] is None
     a = ck["args"]  # the published Namespace stays, with the same values
     assert isinstance(a, argparse.Namespace)
     assert (a.model, a.input_size, a.in_channels, a.ct_lam) == ("EqM-Ti/4", 8, 1, 2.0)

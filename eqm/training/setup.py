@@ -10,7 +10,7 @@ from copy import deepcopy
 
 import torch
 
-from eqm import data as data_lib, distributed, runtime, vae as vae_lib
+from eqm import compiling, data as data_lib, distributed, runtime, vae as vae_lib
 from eqm.ema import EMA
 from eqm.execution import Execution, resolve_execution, set_precision, use_execution
 from eqm.fast import TrainStep, make_optimizer
@@ -27,9 +27,9 @@ from eqm.utils import claim_run_dir, create_logger, format_config
 #################################################################################
 
 def resolve_runtime(rt, world, device):
-    """The RuntimeConfig with its run-time choices made by eqm.execution: ops (--fused), compile and precision
-    ("auto" probed; rank 0's choice for all ranks, then set); --fsdp off in a single process. Runs before the
-    seed is set (the precision probe draws random numbers)."""
+    """The RuntimeConfig with its run-time choices made by eqm.execution: ops (--fused), precision ("auto"
+    probed; rank 0's choice for all ranks, then set) and, over several processes, compile (one process keeps
+    "auto": eqm.compiling decides by timing the first steps); --fsdp off in a single process."""
     if rt.fsdp and world == 1:
         print("note: --fsdp with a single process has nothing to shard: training unsharded "
               "(launch with torchrun --nproc_per_node N to shard)", file=sys.stderr)
@@ -39,16 +39,20 @@ def resolve_runtime(rt, world, device):
         raise SetupError(str(e)) from None
     precision = distributed.broadcast_object(execution.precision)
     set_precision(precision)
-    return dataclasses.replace(rt, fused=execution.ops == "triton", compile=execution.compile, precision=precision,
-                               fsdp=rt.fsdp and world > 1)
+    return dataclasses.replace(rt, fused=execution.ops == "triton", precision=precision, fsdp=rt.fsdp and world > 1,
+                               compile=rt.compile if world == 1 else execution.compile)
 
 
-def apply_runtime(model, rt):
-    """Set the resolved execution on `model`; returns the Execution of the training step (FSDP compiles the
-    blocks instead of the step) and whether to compile the blocks."""
-    execution = Execution("triton" if rt.fused else "reference", rt.compile and not rt.fsdp, rt.precision)
+def apply_runtime(model, rt, world):
+    """Set the resolved execution on `model`. Returns the Execution the TrainStep is built with, whether FSDP
+    compiles the blocks, and for one process the compile setting eqm.compiling.AutoCompile applies ("auto",
+    True or False: the step starts eager and compiles when told or when it pays), else None."""
+    one_process = world == 1
+    execution = Execution("triton" if rt.fused else "reference", bool(rt.compile) and not rt.fsdp and not one_process,
+                          rt.precision)
     use_execution(model, execution)
-    return execution, rt.compile
+    auto_compile = ("auto" if rt.compile is None else rt.compile) if one_process else None
+    return execution, bool(rt.compile), auto_compile
 
 
 #################################################################################
@@ -97,21 +101,27 @@ def load_vae(cfg, source, device, logger):
 def build_models(cfg, world, device, logger):
     """(model, ema) on the device, their execution set (apply_runtime), the CPU threads chosen for them."""
     model = cfg.model.build().to(device)
-    step_execution, compile_blocks = apply_runtime(model, cfg.runtime)
+    execution = apply_runtime(model, cfg.runtime, world)
     ema = deepcopy(model).requires_grad_(False)
     logger.info(f"EqM Parameters: {sum(p.numel() for p in model.parameters()):,}")
     threads = runtime.configure_threads(model, cfg.data.global_batch_size // world, cfg.runtime.threads, device)
     logger.info(f"Precision {cfg.runtime.precision} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
-    return model, ema, (step_execution, compile_blocks)
+    return model, ema, execution
 
 
-def make_step(cfg, model, ema, opt, strategy, execution, device):
-    """The TrainStep of the EqM objective (EMA update included), with the CPU thread governor around it."""
-    o, ob, rt = cfg.optim, cfg.objective, cfg.runtime
-    step_fn = TrainStep(model, opt, execution=execution, ema=EMA(model, ema), ema_decay=o.ema_decay,
-                        ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a,
-                        lam=ob.ct_lam, ct_shape=ob.ct_shape, model_kwargs=dict(return_act=ob.disp), check_finite=True,
-                        skip_nonfinite=rt.on_nonfinite == "skip")
+def make_step(cfg, model, ema, opt, strategy, execution, steps_left, device, logger):
+    """The TrainStep of the EqM objective (EMA update included); in one process inside eqm.compiling.AutoCompile
+    (compiles when told, or once timed eager steps show it pays for the steps left); then the CPU thread governor."""
+    (step_execution, _, auto_compile), o, ob, m = execution, cfg.optim, cfg.objective, cfg.model
+    step_fn = TrainStep(model, opt, execution=step_execution, ema=EMA(model, ema), ema_decay=o.ema_decay,
+                        ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a, lam=ob.ct_lam,
+                        ct_shape=ob.ct_shape, model_kwargs=dict(return_act=ob.disp), check_finite=True,
+                        skip_nonfinite=cfg.runtime.on_nonfinite == "skip")
+    if auto_compile is not None:
+        key = compiling.compile_key("train", model, (cfg.data.global_batch_size, m.in_channels, m.input_size,
+                                                     m.input_size), step_fn.precision, device)
+        step_fn = compiling.AutoCompile(step_fn, step_fn.use_compiled, total_steps=steps_left, key=key, device=device,
+                                        compile=auto_compile, log=logger.info)
     return runtime.ThreadGovernor(step_fn, enabled=device.type == "cpu" and strategy.world == 1)
 
 
@@ -127,17 +137,17 @@ def build_trainer(cfg, info):
     logger.info("Resolved configuration:\n" + format_config(cfg.published_args()))
     if rank == 0:
         print(f"Experiment directory: {exp_dir}", flush=True)
-    model, ema, (step_execution, compile_blocks) = build_models(cfg, world, device, logger)
+    model, ema, execution = build_models(cfg, world, device, logger)
     strategy = make_strategy(cfg.runtime.fsdp, rank, world)
     checkpointer = Checkpointer(cfg, exp_dir, strategy, device, logger)
     state, saved_opt = checkpointer.load(model, ema, loader.batches_per_epoch) if cfg.ckpt else (TrainState(), None)
-    strategy.wrap(model, ema, compile_blocks=compile_blocks, grids=bool(cfg.sample_every))
+    strategy.wrap(model, ema, compile_blocks=execution[1], grids=bool(cfg.sample_every))
     opt = make_optimizer(model, lr=cfg.optim.lr)
     checkpointer.restore_optimizer(model, opt, saved_opt)
-    step_fn = make_step(cfg, model, ema, opt, strategy, step_execution, device)
+    total = step_budget(cfg.optim, loader.batches_per_epoch)
+    step_fn = make_step(cfg, model, ema, opt, strategy, execution, total - state.step, device, logger)
     model.train()  # enables label dropout for classifier-free guidance
     ema.eval()
-    total = step_budget(cfg.optim, loader.batches_per_epoch)
     log = LossLog(cfg, device, logger, total, state.step, exp_dir, strategy.is_main)
     grids = SampleGrids(cfg, cfg.sample_every, vae, source.num_classes, exp_dir, logger, device)
     return Trainer(cfg, model=model, ema=ema, step_fn=step_fn, opt=opt, loader=loader,
