@@ -48,7 +48,7 @@ def gated_residual_adaln(x, gate, y, shift, scale, triton=False):
 
 def _check_triton_runs(device):
     """ops="triton" never falls back to PyTorch quietly: on a device the kernels cannot run on (a model switched
-    by the compat EqM(fused=True) / model.fused, where resolve_execution would have refused) it is an error."""
+    by the compat EqM(fused=True) or use_execution, where resolve_execution would have refused) it is an error."""
     if not hasattr(kernels, "attention"):
         raise RuntimeError("the model runs ops='triton' but Triton is not installed (pip install triton, Linux only): "
                            "eqm.execution.use_execution(model, 'reference')")
@@ -300,13 +300,8 @@ class EqM(nn.Module):
 
     @property
     def fused(self):
-        """Compat: ops == "triton". Assigning it goes through use_execution (eqm/train.py and eqm/sample.py
-        still assign it; new code calls use_execution)."""
+        """Compat, read-only: ops == "triton" (eqm.execution.use_execution is the one setter)."""
         return self._ops == "triton"
-
-    @fused.setter
-    def fused(self, value):
-        use_execution(self, "triton" if value else "reference")
 
     def initialize_weights(self):
         """Xavier linears with zero bias; adaLN and output layers zeroed, so f = 0 at init."""

@@ -217,8 +217,9 @@ def test_triton_switch_matches_reference():
         use_execution(model, "fused")
     with pytest.raises(AttributeError):
         model.ops = "triton"  # read-only: use_execution is the one setter
-    model.fused = True  # the compat assignment (eqm/train.py, eqm/sample.py) goes through use_execution
-    assert model.ops == "triton"
+    with pytest.raises(AttributeError):
+        model.fused = True  # the compat name is read-only too
+    assert model.ops == "reference"
 
 
 @pytest.mark.parametrize("kwargs, x_shape, y, match", [
