@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eqm import distributed, runtime, validate as V, vae as vae_lib
+from eqm import compiling, distributed, runtime, validate as V, vae as vae_lib
 from eqm.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from eqm.config import NO_CHECKPOINT, SampleConfig, SamplingConfig, trained_settings
 from eqm.execution import resolve_execution, set_precision, use_execution
@@ -245,6 +245,8 @@ def run(cfg, ckpt, dist_info):
     mine = list(range(rank, n, world))  # this rank's share: disjoint, interleaved like the published code
     threads = runtime.configure_threads(model, min(bs, len(mine) or 1), device=device)
     logger.info(f"Precision {execution['precision']} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
+    if cfg.runtime.compile is None and mine and cfg.sampling.sampler != "ode":  # "auto": where it pays, by timing
+        execution["compile"] = decide_compile(model, cfg, mine[:bs], labels, execution, device, len(mine), logger)
     problem = distributed.broadcast_object(prepare_folder(cfg.folder, cfg.overwrite) if rank == 0 else None)
     if problem:
         raise SystemExit(f"eqm-sample: error: {problem}")
@@ -263,6 +265,25 @@ def run(cfg, ckpt, dist_info):
     seconds = time.time() - t0
     nfe = int(sum(distributed.all_gather_object(nfe)))
     return summarize(cfg, labels, seconds, nfe, logger) if rank == 0 else summary_dict(cfg, seconds, nfe)
+
+
+def decide_compile(model, cfg, idx, labels, execution, device, n_mine, logger):
+    """eqm.compiling's rule for this run: two timed eager sampling steps on the first batch, weighed against the
+    compile cost measured here before (or a conservative default) over the run's remaining steps."""
+    m, s = cfg.model, cfg.sampling
+    x = start_noise(idx, (m.in_channels, m.input_size, m.input_size), cfg.runtime.global_seed).to(device)
+    y = labels[idx].to(device)
+    opts = dict(s.options(), cfg_scale=s.cfg_scale, precision=execution["precision"], compile=False)
+    key = compiling.compile_key("sample-cfg" if s.cfg_scale > 1 else "sample", model, x.shape,
+                                execution["precision"], device)
+
+    def two_updates():
+        with torch.no_grad():
+            sample(model, x, y, steps=3, **opts)  # 3 steps = 2 updates
+    calls_left = -(-n_mine // len(idx)) * max(s.steps - 1, 1) / 2  # the run, in units of two_updates
+    on, reason, _ = compiling.decide_by_timing("auto", two_updates, steps_left=calls_left, key=key, device=device)
+    logger.info(f"Compile: {reason}")
+    return on
 
 
 def summary_dict(cfg, seconds, nfe):

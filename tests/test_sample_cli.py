@@ -76,6 +76,24 @@ def test_compile_flag_gives_the_plain_samples(digits_ckpt, tmp_path, aot_eager_c
     assert comp["nfe_per_sample"] == plain["nfe_per_sample"] == 3
 
 
+def test_compile_auto_decides_by_timing(digits_ckpt, tmp_path, monkeypatch, aot_eager_compiles):
+    """Unset --compile: two timed eager updates against the compile cost recorded here (eqm.compiling)."""
+    import json
+
+    from eqm import compiling
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["--num-fid-samples", 4, "--global-batch-size", 4, "--sampler", "ngd", "--stepsize", 0.2]
+    run_sample(digits_ckpt, tmp_path / "a", *common)
+    assert not aot_eager_compiles  # no record: a compile is assumed to cost minutes, far more than 3 updates
+    with open(tmp_path / "cache" / compiling.RECORD_FILE) as f:
+        (key,) = [k for k in json.load(f) if k.startswith("sample")]
+    assert compiling.read_record(key)["eager_step_s"] > 0  # the timing it decided by
+    compiling.write_record(key, compile_s=0.0, compiled_step_s=1e-9)  # a warm record: free and a huge speed-up
+    run_sample(digits_ckpt, tmp_path / "b", *common)
+    assert len(aot_eager_compiles) == 1
+
+
 def test_sample_errors(digits_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match="checkpoint is EqM-Ti/4 .* but model is EqM-S/2"):
         run_sample(digits_ckpt, tmp_path / "x", "--model", "EqM-S/2", "--num-fid-samples", 2)
