@@ -417,7 +417,8 @@ def main(argv=None):
     print_table(args, dev_name, results, speedup, breakdown)
     out = {"device": dev_name, "model": args.model, "measured_on": what, "threads": threads,
            "precision_reason": runtime.precision_reason(device), "batch_size": args.batch_size,
-           "image_size": args.image_size, "sample_batch_size": args.sample_batch_size,
+           "image_size": args.image_size, "latent_size": latent, "latent_channels": built[0].model.in_channels,
+           "precision": precision, "sample_batch_size": args.sample_batch_size,
            "sample_steps": args.sample_steps, "cfg_scale": args.cfg_scale, "sampler": "ngd", "rounds": args.rounds,
            "reference": results["reference"], "fast": results["fast"], "fast_pieces": pieces,
            "flops_per_image": {"forward": fwd, "train": train_flops, "sample": s_flops, "sample_cfg": s_flops_cfg},
@@ -486,7 +487,8 @@ def plot(out, path):
         ax.annotate(f"{out['speedup'][k]:.2f}x", (i + 0.19, out["fast"][k]), ha="center", va="bottom")
     ax.set_xticks(range(len(keys)), [label for _, label in keys])
     ax.set_ylabel("images / s")
-    ax.set_title(f"{out['model']} @ {out['image_size']}px on {out['device']}", fontsize=10)
+    size = f"{out['latent_size']}x{out['latent_size']}x{out['latent_channels']} latents"
+    ax.set_title(f"{out['model']} on {size}, fast path {out['precision']}, {out['device']}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
