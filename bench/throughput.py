@@ -323,14 +323,16 @@ NUMERIC_FLAGS = dict(image_size=V.positive_int, batch_size=V.positive_int, sampl
 
 
 def resolve(args):
+    """(device, settings): the parsed flags with the device's defaults filled in, as a new Namespace (the parsed one
+    is left alone); a bad combination exits with one line."""
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
-    args.image_size = args.image_size or (256 if gpu else 128)
-    args.batch_size = args.batch_size or (256 if gpu else 16)
-    args.sample_batch_size = args.sample_batch_size or (args.batch_size if gpu else 8)
-    args.sample_steps = args.sample_steps or (250 if gpu else 30)
-    args.train_iters = args.train_iters or (20 if gpu else 4)
-    args.rounds = args.rounds or (1 if gpu else 3)
+    batch_size = args.batch_size or (256 if gpu else 16)
+    args = argparse.Namespace(**{**vars(args), **dict(
+        image_size=args.image_size or (256 if gpu else 128), batch_size=batch_size,
+        sample_batch_size=args.sample_batch_size or (batch_size if gpu else 8),
+        sample_steps=args.sample_steps or (250 if gpu else 30), train_iters=args.train_iters or (20 if gpu else 4),
+        rounds=args.rounds or (1 if gpu else 3))})
     try:
         latent = vae_lib.latent_size(args.image_size)
     except ValueError as e:
@@ -341,12 +343,12 @@ def resolve(args):
     if latent % patch:
         raise SystemExit(f"--image-size {args.image_size} gives {latent}x{latent} latents, "
                          f"not divisible by the patch size {patch} of {args.model}")
-    return device
+    return device, args
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    device = resolve(args)
+    device, args = resolve(args)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         print("note: TRITON_INTERPRET=1 is set; --fused on would run the Triton ops in the interpreter (slow)")
     torch.manual_seed(args.seed)
@@ -381,7 +383,6 @@ def main(argv=None):
     s_flops_cfg = sample_flops_per_image(model, args.sample_steps, cfg=True)
     what = (f"random {latent}x{latent}x{model.in_channels} latents (the VAE latent of a "
             f"{args.image_size}x{args.image_size}x3 image; the VAE is not run)")
-    args.what = what
     print(f"{args.model} on {what}, {model.num_patches} tokens: "
           f"{model.num_params / 1e6:.1f}M params, {fwd / 1e9:.2f} GFLOP forward per image")
     print(f"train batch {args.batch_size}, sample batch {args.sample_batch_size}, NAG-GD {args.sample_steps} steps "
@@ -414,7 +415,7 @@ def main(argv=None):
                       "sample_img_s": results[name]["sample_img_s"]} for name, _ in paths]
     speedup = {k: results["fast"][k] / results["reference"][k]
                for k in ("train_img_s", "sample_img_s", "sample_cfg_img_s")}
-    print_table(args, dev_name, results, speedup, breakdown)
+    print_table(args, what, dev_name, results, speedup, breakdown)
     out = {"device": dev_name, "model": args.model, "measured_on": what, "threads": threads,
            "precision_reason": runtime.precision_reason(device), "batch_size": args.batch_size,
            "image_size": args.image_size, "latent_size": latent, "latent_channels": built[0].model.in_channels,
@@ -496,9 +497,9 @@ def plot(out, path):
     plt.close(fig)
 
 
-def print_table(args, dev_name, results, speedup, breakdown):
+def print_table(args, what, dev_name, results, speedup, breakdown):
     ref, fast = results["reference"], results["fast"]
-    print(f"\n{args.model} on {args.what}, {dev_name}: train batch {args.batch_size}, "
+    print(f"\n{args.model} on {what}, {dev_name}: train batch {args.batch_size}, "
           f"sample batch {args.sample_batch_size}, NAG-GD {args.sample_steps} steps, cfg {args.cfg_scale}; "
           f"img/s from median times")
     head = f"{'path':<10} {'train img/s':>12} {'sample img/s':>13} {'cfg img/s':>10} {'train TFLOP/s':>14} " \

@@ -291,7 +291,7 @@ def save(path, flow, ema, opt, args, step):
 
 def train(args):
     """Train, evaluate every --eval-every steps (checkpointing then), draw samples; returns the summary."""
-    args.device = str(resolve_device(args.device))
+    args = argparse.Namespace(**{**vars(args), "device": str(resolve_device(args.device))})  # parsed args untouched
     torch.manual_seed(args.seed)
     data, pipe, flow, arch = build(args)
     opt = torch.optim.Adam(flow.parameters(), lr=args.lr)
