@@ -10,7 +10,7 @@ Cost for E = N*T*D elements of b bytes (conditioning vectors are N*D, negligible
   gated forward     reads x, y, writes r, h                 4*E*b bytes,  ~10 FLOP/element
   adaln backward    reads x, dh, writes dx                  3*E*b bytes
 (under autocast h, and so dh, are in the autocast dtype: pass out_dtype)
-  gated backward    reads x, y, dh, dr, writes dx, dy       6*E*b bytes
+  gated backward    reads r, y, dh, dr, writes dx, dy       6*E*b bytes  (r: the forward's output, saved)
 The unfused eager graph (add, layer_norm, mul, add) moves about twice as much.
 """
 from typing import Optional
@@ -23,14 +23,15 @@ from ._dispatch import INTERPRET, num_warps_for, row_block, sm_count, use_refere
 from .reference import adaln_modulate_reference, gated_residual_adaln_reference
 
 
-def _backward_math(x, gate, y, scale, dh, dr, eps):
-    """Gradients of the gated residual + adaLN in differentiable torch ops (fp32).
+def _backward_math(r, gate, y, scale, dh, dr, eps):
+    """Gradients of the gated residual + adaLN in differentiable torch ops (fp32), given the LayerNorm input r
+    (x, or x + gate * y with the residual).
 
     Used by the CPU reference path and whenever create_graph=True, so double backward works.
     Returns dx, dy, dgate, dshift, dscale (the gate terms are None without a residual).
     """
     f = torch.float32
-    r = x.to(f) if gate is None else x.to(f) + gate.to(f).unsqueeze(1) * y.to(f)
+    r = r.to(f)
     mean = r.mean(-1, keepdim=True)
     rstd = torch.rsqrt((r - mean).pow(2).mean(-1, keepdim=True) + eps)
     xhat = (r - mean) * rstd
@@ -80,9 +81,9 @@ def _adaln_fwd_kernel(
     tl.store(H_OUT + offs, h, mask=mask)
 
 
-@triton.jit(do_not_specialize=["SPLIT"])  # one compiled kernel whatever the grid split (also SPLIT = 1)
+@triton.jit(do_not_specialize=["SPLIT", "ZERO"])  # one compiled kernel whatever the grid split (also SPLIT = 1)
 def _adaln_bwd_kernel(
-    X,  # (N, T, D)
+    X,  # (N, T, D) the LayerNorm input: x, or r = x + gate * y when HAS_RES (the forward's output)
     GATE,  # (N, D) (HAS_RES only)
     Y,  # (N, T, D) (HAS_RES only)
     SCALE,  # (N, D)
@@ -91,16 +92,22 @@ def _adaln_bwd_kernel(
     DX,  # (N, T, D) out: grad of x (= total grad of r)
     DY,  # (N, T, D) out: grad of y (HAS_RES only)
     DSHIFT_P, DSCALE_P, DGATE_P,  # (N, SPLIT, D) fp32 out: per-program partial sums over tokens
-    T, D, eps, SPLIT,
+    T, D, eps, SPLIT, ZERO,  # ZERO: 0, an opaque one (see below)
     HAS_RES: tl.constexpr, HAS_DR: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    OPAQUE: tl.constexpr,
 ):
     # Program (s, n) walks token blocks s, s + SPLIT, ... of sample n and keeps the token sums
-    # for dshift/dscale/dgate in registers; the SPLIT partials are summed afterwards (deterministic).
+    # for dshift/dscale in registers; the SPLIT partials are summed afterwards (deterministic).
     # Everything else is short-lived, so that a GPU thread fits in 32 registers (full occupancy, see
     # _launch_backward): sample n's base pointers are scalars and element offsets 32-bit; scale, gate,
     # y and dh are read again from cache where needed instead of held across the block-wide reductions
     # (the first read of dh and scale says evict_last, which also keeps the compiler from merging the
-    # two reads into one register-held value).
+    # two reads into one register-held value). With the residual, three more things keep it at 32:
+    # r is read as saved by the forward (not rebuilt from x, gate, y); the dgate sum is added into this
+    # program's own slot of DGATE_P after each token block (an L2-resident read-modify-write, no DRAM
+    # bytes) instead of a third register accumulator; and the gate and slot column offsets get an
+    # opaque zero (tb * ZERO in inline PTX when OPAQUE, i.e. compiled) so that they are recomputed in
+    # each step rather than held as 64-bit pointers across it.
     s, n = tl.program_id(0), tl.program_id(1).to(tl.int64)
     X += n * T * D
     Y += n * T * D
@@ -110,22 +117,19 @@ def _adaln_bwd_kernel(
     DY += n * T * D
     GATE += n * D
     SCALE += n * D
+    DGATE_P += (n * SPLIT + s) * D
     inv_d = 1.0 / D
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
     for tb in range(s, tl.cdiv(T, ROWS), SPLIT):
         rows = tb * ROWS + tl.arange(0, ROWS)
         mask = (rows < T)[:, None] & cmask[None, :]
         offs = rows[:, None] * D + cols[None, :]
-        r = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            gate = tl.load(GATE + cols, mask=cmask, other=0.0).to(tl.float32)
-            r += gate[None, :] * tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(r, axis=1) * inv_d
-        xhat = tl.where(mask, r - mean[:, None], 0.0)
+        xhat = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(xhat, axis=1) * inv_d
+        xhat = tl.where(mask, xhat - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xhat * xhat, axis=1) * inv_d + eps)
         xhat *= rstd[:, None]
         scale1 = 1.0 + tl.load(SCALE + cols, mask=cmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -141,15 +145,21 @@ def _adaln_bwd_kernel(
             dr += tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dr, mask=mask)
         if HAS_RES:
-            gate = tl.load(GATE + cols, mask=cmask, other=0.0).to(tl.float32)
+            if OPAQUE:
+                zero = tl.inline_asm_elementwise("mul.lo.s32 $0, $1, $2;", "=r,r,r", [tb, ZERO], dtype=tl.int32,
+                                                 is_pure=True, pack=1)
+                vcols = tl.multiple_of(zero, 16) + cols
+            else:
+                vcols = cols
+            gate = tl.load(GATE + vcols, mask=cmask, other=0.0).to(tl.float32)
             tl.store(DY + offs, dr * gate[None, :], mask=mask)
-            y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-            acc_gate += tl.sum(tl.where(mask, dr * y, 0.0), axis=0)
+            dgate = tl.sum(tl.where(mask, dr * tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32), 0.0), axis=0)
+            started = cols * 0 + tb > s  # not the first step, which starts the sum (a tensor: no scalar masks)
+            dgate += tl.load(DGATE_P + vcols, mask=cmask & started, other=0.0)
+            tl.store(DGATE_P + vcols, dgate, mask=cmask)
     p = (n * SPLIT + s) * D + cols
     tl.store(DSHIFT_P + p, acc_shift, mask=cmask)
     tl.store(DSCALE_P + p, acc_scale, mask=cmask)
-    if HAS_RES:
-        tl.store(DGATE_P + p, acc_gate, mask=cmask)
 
 
 def _rows_per_program(block_d: int) -> int:
@@ -193,6 +203,7 @@ def _launch_forward(x, gate, y, shift, scale, eps, out_dtype=None):
 
 
 def _launch_backward(x, gate, y, scale, dh, dr, eps):
+    # x: the LayerNorm input, i.e. the forward's r = x + gate * y when gate is given.
     N, T, D = x.shape
     has_res, has_dr = gate is not None, dr is not None
     x, dh = x.contiguous(), dh.contiguous()
@@ -201,10 +212,10 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
     block_d = row_block(D)
     # One token per step on a GPU, 4 elements (16 bytes of fp32) per thread. The register cap is what the
     # kernel compiles to without spills on sm_90 and sm_80 (`python -m eqm_kernels.aot --kernel adaln`): 32
-    # without the residual, i.e. 64 resident warps per SM (full occupancy); 40 with it (48 warps, 75%).
+    # with or without the residual, i.e. 64 resident warps per SM (full occupancy).
     rows = _rows_per_program(block_d) if INTERPRET else 1
     warps = 1 if INTERPRET else max(1, min(16, block_d // 128))
-    regs = 40 if has_res else 32
+    regs = 32
     n_blocks = triton.cdiv(T, rows)
     slots = sm_count(x.device) * max(1, 65536 // (regs * 32 * warps))  # blocks resident at once on the GPU
     split = _programs_per_sample(n_blocks, N, slots)
@@ -215,8 +226,8 @@ def _launch_backward(x, gate, y, scale, dh, dr, eps):
         x, gate.contiguous() if has_res else x, y.contiguous() if has_res else x, scale.contiguous(),
         dh, dr.contiguous() if has_dr else dh, dx, dy if has_res else dx,
         part[0], part[1], part[2] if has_res else part[0],
-        T, D, eps, split,
-        HAS_RES=has_res, HAS_DR=has_dr, ROWS=rows, BLOCK_D=block_d, num_warps=warps,
+        T, D, eps, split, 0,
+        HAS_RES=has_res, HAS_DR=has_dr, ROWS=rows, BLOCK_D=block_d, OPAQUE=not INTERPRET, num_warps=warps,
         **({} if INTERPRET else {"maxnreg": regs}),
     )
     dshift, dscale = part[0].sum(1).to(scale.dtype), part[1].sum(1).to(scale.dtype)
@@ -304,38 +315,44 @@ def _(x, gate, y, shift, scale, eps, out_dtype=None):
 
 
 @torch.library.custom_op("eqm::gated_residual_adaln_backward", mutates_args=())
-def _gated_bwd_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor,
+def _gated_bwd_op(r: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dh: torch.Tensor,
                   dr: Optional[torch.Tensor], eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(x, gate, y, scale, dh):
-        grads = _launch_backward(x, gate, y, scale, dh, dr, eps)
+    # r: the forward's residual output x + gate * y (the gradient of x is that of r, returned in r's dtype)
+    if use_triton(r, gate, y, scale, dh):
+        grads = _launch_backward(r, gate, y, scale, dh, dr, eps)
     else:
-        grads = _backward_math(x, gate, y, scale, dh, dr, eps)
+        grads = _backward_math(r, gate, y, scale, dh, dr, eps)
     dx, dy, dgate, dshift, dscale = grads
-    return (dx.to(x.dtype).contiguous(), dy.to(y.dtype).contiguous(), dgate.to(gate.dtype), dshift.to(scale.dtype),
+    return (dx.to(r.dtype).contiguous(), dy.to(y.dtype).contiguous(), dgate.to(gate.dtype), dshift.to(scale.dtype),
             dscale.to(scale.dtype))
 
 
 @_gated_bwd_op.register_fake
-def _(x, gate, y, scale, dh, dr, eps):
-    return (x.new_empty(x.shape), y.new_empty(y.shape), gate.new_empty(gate.shape), scale.new_empty(scale.shape),
+def _(r, gate, y, scale, dh, dr, eps):
+    return (r.new_empty(r.shape), y.new_empty(y.shape), gate.new_empty(gate.shape), scale.new_empty(scale.shape),
             scale.new_empty(scale.shape))
 
 
 def _gated_setup(ctx, inputs, output):
     x, gate, y, shift, scale, eps, _ = inputs
-    ctx.save_for_backward(x, gate, y, scale)
+    # r is kept for the backward to read instead of rebuilding it (in the model it is the next block's
+    # input, kept anyway); x, gate and y rebuild it for a second derivative or when r was stored in 16 bits.
+    ctx.save_for_backward(x, gate, y, scale, output[0])
     ctx.eps, ctx.shift_dtype = eps, shift.dtype
 
 
 def _gated_backward(ctx, dr, dh):
-    x, gate, y, scale = ctx.saved_tensors
+    x, gate, y, scale, r = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiable ops so a second derivative exists
-        dx, dy, dgate, dshift, dscale = _backward_math(x, gate, y, scale, dh, dr, ctx.eps)
-        dx, dy, dgate, dscale = dx.to(x.dtype), dy.to(y.dtype), dgate.to(gate.dtype), dscale.to(scale.dtype)
+        r = x.float() + gate.float().unsqueeze(1) * y.float()
+        dx, dy, dgate, dshift, dscale = _backward_math(r, gate, y, scale, dh, dr, ctx.eps)
+        dy, dgate, dscale = dy.to(y.dtype), dgate.to(gate.dtype), dscale.to(scale.dtype)
     else:
-        dx, dy, dgate, dshift, dscale = _gated_bwd_op(x, gate, y, scale, dh, dr, ctx.eps)
-    return dx, dgate, dy, dshift.to(ctx.shift_dtype), dscale, None, None
+        if r.element_size() < 4:  # r was rounded to 16 bits: the statistics come from r as the forward computed it
+            r = x.float() + gate.float().unsqueeze(1) * y.float()
+        dx, dy, dgate, dshift, dscale = _gated_bwd_op(r, gate, y, scale, dh, dr, ctx.eps)
+    return dx.to(x.dtype), dgate, dy, dshift.to(ctx.shift_dtype), dscale, None, None
 
 
 _gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
