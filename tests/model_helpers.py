@@ -1,4 +1,4 @@
-"""Small EqM models for fast CPU tests, and a counter of the Triton kernel launches they cause."""
+"""Small EqM models and a tiny digits run for fast CPU tests; a counter of the Triton kernel launches they cause."""
 import collections
 import contextlib
 import importlib
@@ -63,3 +63,17 @@ def count_triton_launches():
     finally:
         for module, name, real in saved:
             setattr(module, name, real)
+
+
+def train_tiny_digits(out, max_steps, *extra):
+    """eqm-train on digits at its smallest (EqM-Ti/4, 8x8, batch 16, no grids), one thread; train.main's summary."""
+    from eqm import train
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.main(["--data-path", "digits", "--model", "EqM-Ti/4", "--image-size", "8", "--global-batch-size",
+                           "16", "--max-steps", str(max_steps), "--sample-every", "0", "--results-dir", str(out),
+                           *extra])
+    finally:
+        torch.set_num_threads(n)

@@ -10,6 +10,7 @@ import torch
 from eqm import sample, train
 from eqm.checkpoint import load_checkpoint
 from eqm.config import PRESETS, TrainConfig, trained_settings
+from model_helpers import train_tiny_digits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,12 +58,7 @@ def test_one_preset_table_for_both_clis():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cfg")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = train.main(["--data-path", "digits", "--model", "EqM-Ti/4", "--image-size", "8", "--global-batch-size", "16",
-                    "--max-steps", "2", "--sample-every", "0", "--ct-lam", "2.0", "--num-workers", "0",
-                    "--results-dir", str(out)])
-    torch.set_num_threads(n)
+    s = train_tiny_digits(out, 2, "--ct-lam", "2.0", "--num-workers", "0")
     return s["checkpoint"], out
 
 

@@ -3,10 +3,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from eqm import sample, train
+from eqm import sample
+from model_helpers import train_tiny_digits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -14,13 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    s = train.main(["--data-path", "digits", "--model", "EqM-Ti/4", "--image-size", "8", "--global-batch-size", "16",
-                    "--max-steps", "3", "--sample-every", "0", "--results-dir", str(out)])
-    torch.set_num_threads(n)
-    return s["checkpoint"]
+    return train_tiny_digits(tmp_path_factory.mktemp("train"), 3)["checkpoint"]
 
 
 def run_sample(ckpt, folder, *extra):
