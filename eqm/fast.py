@@ -36,9 +36,9 @@ def compile_fn(fn, backend="inductor"):
 
 
 def attention_backend(device, precision):
-    """On CPU in bf16, scaled_dot_product_attention through its math path (bf16 matmuls and a softmax that
-    compile fuses): the CPU flash kernel's bf16 backward ran 3x slower than its fp32 one here, a quarter of a
-    compiled EqM-Ti/2 training step. Elsewhere a no-op (CUDA keeps flash attention)."""
+    """On CPU in bf16, scaled_dot_product_attention through its math path, which torch computes in fp32 on CPU
+    (bf16 q, k, v are upcast; its bmm's run in fp32): the CPU flash kernel's bf16 backward ran 3x slower than
+    this here, a quarter of a compiled EqM-Ti/2 training step. Elsewhere a no-op (CUDA keeps flash attention)."""
     if precision == "bf16" and torch.device(device).type == "cpu":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
