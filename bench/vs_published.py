@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eqm.execution import PRECISION_CHOICES, Execution, resolve_precision
-from eqm import runtime
+from eqm import runtime, validate as V
 from eqm.ema import EMA
 from eqm.fast import TrainStep, make_optimizer
 from eqm.sampling import Engine
@@ -131,21 +131,28 @@ def profile_table(fn, rows):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--published", required=True, help="path to a checkout of the published EqM code")
+def comparison_parser(description, peer):
+    """The flags both peer benchmarks share (model, sizes, steps, rounds, our precision and compile), checked when
+    parsed; `peer` names the other side in the help."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="EqM-Ti/2", choices=list(EqM_models))
-    p.add_argument("--input-size", type=int, default=16, help="latent side (16: a 128px image)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--sample-batch-size", type=int, default=8)
-    p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--train-iters", type=int, default=5, help="timed training steps per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
+    p.add_argument("--input-size", type=V.positive_int, default=16, help="latent side (16: a 128px image)")
+    p.add_argument("--batch-size", type=V.positive_int, default=16)
+    p.add_argument("--sample-batch-size", type=V.positive_int, default=8)
+    p.add_argument("--sample-steps", type=V.number(int, lo=2), default=30, help="steps (steps - 1 updates)")
+    p.add_argument("--cfg-scale", type=V.finite_float, default=1.5)
+    p.add_argument("--train-iters", type=V.positive_int, default=5, help="timed training steps per round")
+    p.add_argument("--rounds", type=V.positive_int, default=3)
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help=f"ours only ({peer}: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the fast path (costs minutes cold on CPU; the compile cache makes reruns quick)")
-    p.add_argument("--profile-rows", type=int, default=8)
+    p.add_argument("--profile-rows", type=V.nonneg_int, default=8)
+    return p
+
+
+def main(argv=None):
+    p = comparison_parser(__doc__.split("\n\n")[0], "the published code")
+    p.add_argument("--published", required=True, help="path to a checkout of the published EqM code")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)

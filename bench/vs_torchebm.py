@@ -12,15 +12,14 @@ AdamW and its `EMA` for training; `NesterovSampler` on `EqMEnergy("implicit")` o
 precision is CUDA-only, so it runs fp32 on CPU; ours runs the probed precision (or --precision). Timing,
 rounds and profiles come from vs_published.py.
 """
-import argparse
 
 import torch
 import torch.nn as nn
 
-from eqm.execution import PRECISION_CHOICES, resolve_precision
+from eqm.execution import resolve_precision
 from eqm import runtime
 from eqm.models import EqM_configs, EqM_models
-from eqm_bench.vs_published import compare, fast_work
+from eqm_bench.vs_published import compare, comparison_parser, fast_work
 
 # our parameter names -> torchebm.models.DiT's
 RENAMES = [("x_embedder.", "patch_embed."), ("embedding_table", "embedding"), ("attn.proj", "attn.out_proj"),
@@ -111,19 +110,7 @@ def torchebm_work(twin, x, y, xs, ys, steps, cfg_scale):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="EqM-Ti/2", choices=list(EqM_models))
-    p.add_argument("--input-size", type=int, default=16, help="latent side (16: a 128px image)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--sample-batch-size", type=int, default=8)
-    p.add_argument("--sample-steps", type=int, default=30)
-    p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--train-iters", type=int, default=5, help="timed training steps per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES, help="ours only")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="compile the fast path (costs minutes cold on CPU; the compile cache makes reruns quick)")
-    p.add_argument("--profile-rows", type=int, default=8)
+    p = comparison_parser(__doc__.split("\n\n")[0], "torchebm")
     args = p.parse_args(argv)
     torchebm = import_torchebm()
     torch.set_num_threads(1)

@@ -147,8 +147,12 @@ def test_bench_flags_rejected(capsys):
     from eqm_bench import ebflow as bench_ebflow
     from eqm_bench import train_step as bench_train_step
 
+    from eqm_bench import vs_published, vs_torchebm
+
     for fn, argv in [(bench_ebflow.main, ["--dims", "1", "8"]), (bench_ebflow.main, ["--steps", "0"]),
-                     (bench_train_step.main, ["--threads", "-2"]), (bench_train_step.main, ["--input-size", "7"])]:
+                     (bench_train_step.main, ["--threads", "-2"]), (bench_train_step.main, ["--input-size", "7"]),
+                     (vs_torchebm.main, ["--rounds", "0"]), (vs_torchebm.main, ["--cfg-scale", "nan"]),
+                     (vs_published.main, ["--published", "x", "--sample-steps", "1"])]:
         with pytest.raises(SystemExit) as e:
             fn(argv)
         assert e.value.code == 2
