@@ -77,3 +77,9 @@ def train_tiny_digits(out, max_steps, *extra):
                            *extra])
     finally:
         torch.set_num_threads(n)
+
+
+def labelled_noise(n, seed, shape=(4, 8, 8), num_classes=10):
+    """A seeded batch for tiny_eqm: (x (n, *shape) standard normal, y (n,) labels)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g)

@@ -8,7 +8,7 @@ import torch
 
 from eqm.graph_sampler import GraphSampler, sample_fast
 from eqm.samplers import make_field, sample
-from model_helpers import randomize_, tiny_eqm
+from model_helpers import labelled_noise, randomize_, tiny_eqm
 
 N = 8
 
@@ -20,8 +20,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(N, 4, 8, 8, generator=g), torch.randint(0, 10, (N,), generator=g)
+    return labelled_noise(N, seed=1)
 
 
 def median_threshold(model, x, y, **cfg):

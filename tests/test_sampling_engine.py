@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eqm.sampling import Engine, composed_field, make_field, sample
-from model_helpers import Bowl, randomize_, tiny_eqm
+from model_helpers import labelled_noise, Bowl, randomize_, tiny_eqm
 
 N = 6
 
@@ -21,8 +21,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def inputs():
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(N, 4, 8, 8, generator=g), torch.randint(0, 10, (N,), generator=g)
+    return labelled_noise(N, seed=3)
 
 
 def guided(model, x, y, s):
