@@ -24,27 +24,13 @@ def _worker(rank, world, port, out):
     torch.set_num_threads(1)
     from eqm import data, train
     from eqm.training import setup
+    from model_helpers import batches_through
 
     seen, model_ref = [], {}
-    make = data.make_source
 
-    def recording_make_source(*a, **k):
-        source = make(*a, **k)
-        make_loader = source.loader
-
-        def loader(*a, **k):
-            loader = make_loader(*a, **k)
-            inner = type(loader).__iter__
-
-            class Recording(type(loader)):
-                def __iter__(self):
-                    for x, y in inner(self):
-                        seen.append(x.clone())
-                        yield x, y
-            loader.__class__ = Recording
-            return loader
-        source.loader = loader
-        return source
+    def record(x, y):
+        seen.append(x.clone())
+        return x, y
 
     train_step = setup.TrainStep
 
@@ -52,7 +38,7 @@ def _worker(rank, world, port, out):
         model_ref["model"] = model
         return train_step(model, *a, **k)
 
-    data.make_source = recording_make_source
+    data.make_source = batches_through(record)
     setup.TrainStep = recording_train_step
     summary = train.main(ARGS + ["--results-dir", os.path.join(out, "res")])
     torch.save({"seen": torch.cat(seen), "params": {k: v.detach().clone() for k, v in

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from eqm import checkpoint, data, sample, train, utils
+from model_helpers import batches_through
 from eqm.ebflow import train as ebflow_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,26 +69,12 @@ def test_nonfinite_loss_stops_training_before_any_checkpoint(tmp_path, capsys):
 
 def _nan_batches(monkeypatch, bad_steps):
     """Make the digits loader yield NaN images at the given (1-based) steps."""
-    make, seen = data.make_source, [0]
+    seen = [0]
 
-    def patched(*a, **k):
-        source = make(*a, **k)
-        make_loader = source.loader
-
-        def loader(*a, **k):
-            loader = make_loader(*a, **k)
-            inner = type(loader).__iter__
-
-            class Poisoned(type(loader)):
-                def __iter__(self):
-                    for x, y in inner(self):
-                        seen[0] += 1
-                        yield (torch.full_like(x, float("nan")) if seen[0] in bad_steps else x), y
-            loader.__class__ = Poisoned
-            return loader
-        source.loader = loader
-        return source
-    monkeypatch.setattr(data, "make_source", patched)
+    def poison(x, y):
+        seen[0] += 1
+        return (torch.full_like(x, float("nan")) if seen[0] in bad_steps else x), y
+    monkeypatch.setattr(data, "make_source", batches_through(poison))
 
 
 def test_nonfinite_skip_mode_skips_bounded_times(tmp_path, monkeypatch, capsys):
