@@ -16,7 +16,7 @@ import importlib.util
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from eqm import runtime
+from eqm import compiling, runtime
 
 OPS = ("reference", "triton")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -78,21 +78,10 @@ def resolve_ops(ops, device):
     return ops
 
 
-def default_compile(device):
-    """compile="auto": torch.compile on CUDA, eager on CPU (the rule of the CLIs and benchmarks).
-
-    The hook for a measured policy: eqm.compiling.should_compile (compile only when it pays) replaces this rule.
-    """
-    return torch.device(device).type == "cuda"
-
-
 def resolve_compile(compile, device):
-    """"auto" (or None) -> default_compile(device); a bool is kept."""
-    if compile in ("auto", None):
-        return default_compile(device)
-    if not isinstance(compile, bool):
-        raise ValueError(f"compile must be 'auto', True or False, got {compile!r}")
-    return compile
+    """"auto" (or None) without a run to time: eqm.compiling's fixed rule (compiled on CUDA, eager on CPU); the CLIs
+    and benchmarks that know their length decide "auto" by timing instead (eqm.compiling.should_compile)."""
+    return compiling.should_compile(compile, device)[0]
 
 
 def resolve_precision(precision, device):
