@@ -74,7 +74,7 @@ def resolve_ops(ops, device):
     if ops not in OPS:
         raise ValueError(f"ops must be 'auto' or one of {OPS}, got {ops!r}")
     if ops == "triton" and (why := triton_unavailable(device)) is not None:
-        raise ValueError(f"Triton ops were asked for on {torch.device(device)}, but {why[0].lower()}{why[1:]}")
+        raise ValueError(f"Triton ops were asked for on {torch.device(device)}: {why}")
     return ops
 
 
