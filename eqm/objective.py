@@ -15,14 +15,10 @@ from eqm_kernels.reference import batch_view, eqm_interpolate_reference, eqm_tar
 CT_SHAPES = ("truncated-linear", "truncated-cosine")
 
 
-def _check_a(a):
-    if not 0.0 <= a < 1.0:
-        raise ValueError(f"a must lie in [0, 1), got {a}")
-
-
 def check_ct(a, lam, shape="truncated-linear"):
     """Raise ValueError with one clear line for c(t) parameters out of range."""
-    _check_a(a)
+    if not 0.0 <= a < 1.0:
+        raise ValueError(f"a must lie in [0, 1), got {a}")
     if not lam > 0:
         raise ValueError(f"lam must be positive, got {lam}")
     if shape not in CT_SHAPES:
@@ -38,18 +34,21 @@ def eqm_target_scale(t, a=0.8, lam=4.0, shape="truncated-linear"):
     return lam * 0.5 * (1 + torch.cos(math.pi * u))
 
 
+def eqm_target(x1, x0, t, a=0.8, lam=4.0, shape="truncated-linear"):
+    """The regression target (x1 - x0) * c(t) for data x1, noise x0 and times t (N,), in x1's dtype."""
+    return (x1 - x0) * batch_view(eqm_target_scale(t, a, lam, shape), x1).to(x1.dtype)
+
+
 def eqm_interpolate(x1, x0, t, a=0.8, lam=4.0, shape="truncated-linear"):
     """(xt, target) for data x1, noise x0 and per-sample times t (N,), in x1's dtype."""
-    xt = eqm_interpolate_reference(x1, x0, t.to(x1.dtype))
-    target = (x1 - x0) * batch_view(eqm_target_scale(t, a, lam, shape), x1).to(x1.dtype)
-    return xt, target
+    return eqm_interpolate_reference(x1, x0, t.to(x1.dtype)), eqm_target(x1, x0, t, a, lam, shape)
 
 
 def dispersive_loss(act, tau=1.0):
     """Dispersive loss (InfoNCE-L2 form) of one activation (N, ...): log mean_ij exp(-|z_i - z_j|^2 / (D tau))."""
     z = act.reshape(act.shape[0], -1)
     d2 = torch.cdist(z, z).pow(2) / z.shape[1]
-    return torch.logsumexp(-d2.flatten() / tau, dim=0) - torch.log(torch.tensor(float(d2.numel())))
+    return torch.logsumexp(-d2.flatten() / tau, dim=0) - math.log(d2.numel())
 
 
 def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None, t=None, train=True,
@@ -80,8 +79,11 @@ def eqm_training_losses(model, x1, model_kwargs=None, a=0.8, lam=4.0, noise=None
     fused = (model_ops(model) if ops is None else ops) == "triton" and ct_shape == "truncated-linear"
     if fused:
         import eqm_kernels as kernels
-        _check_a(a)
-        xt, target = kernels.eqm_interpolate(x1, x0, t, a, lam, with_target=True)
+        check_ct(a, lam)  # before the kernels, which assume it
+        xt = kernels.eqm_interpolate(x1, x0, t, a, lam)
+        # eqm_loss recomputes the target in-kernel; this copy is only for callers that read terms["target"]
+        # (inductor drops it from a compiled step that does not)
+        target = eqm_target(x1, x0, t, a, lam)
     else:
         xt, target = eqm_interpolate(x1, x0, t, a, lam, ct_shape)
     out = model(xt, t, **model_kwargs)
