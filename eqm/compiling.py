@@ -79,7 +79,7 @@ def machine_name(device):
 def compile_key(what, model, batch_shape, precision, device):
     """The record's key: what is compiled ("train", "sample", ...), the bare model's config, the batch shape, the
     precision and the machine. Anything whose compile cost or speed-up differs gets its own key."""
-    names = ("depth", "hidden_size", "patch_size", "num_heads", "ebm", "fused")
+    names = ("depth", "hidden_size", "patch_size", "num_heads", "ebm", "ops")
     config = ",".join(f"{k}={getattr(model, k)}" for k in names if hasattr(model, k))
     shape = "x".join(str(s) for s in batch_shape)
     return f"{what} | {type(model).__name__}({config}) | {shape} | {precision} | {machine_name(device)}"

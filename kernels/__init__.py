@@ -18,7 +18,8 @@ import torch
 from .reference import (adaln_modulate_reference, attention_reference, eqm_interpolate_reference,
                         eqm_loss_reference, eqm_target_scale_reference, gated_residual_adaln_reference)
 
-if importlib.util.find_spec("triton") is not None:
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # the Triton ops exist only where Triton is installed
+if HAS_TRITON:
     from .adaln import adaln_modulate, gated_residual_adaln
     from .attention import attention
     from .eqm_loss import eqm_interpolate, eqm_loss
@@ -42,9 +43,8 @@ def _tag_compile_caches():
 
 _tag_compile_caches()
 
-__all__ = [
-    "adaln_modulate", "gated_residual_adaln", "attention", "eqm_loss", "eqm_interpolate",
-    "adaln_modulate_reference", "gated_residual_adaln_reference", "attention_reference",
-    "eqm_loss_reference", "eqm_interpolate_reference", "eqm_target_scale_reference",
-    "reference_ops", "INTERPRET",
-]
+__all__ = ["adaln_modulate_reference", "gated_residual_adaln_reference", "attention_reference", "eqm_loss_reference",
+           "eqm_interpolate_reference", "eqm_target_scale_reference"]
+if HAS_TRITON:
+    __all__ += ["adaln_modulate", "gated_residual_adaln", "attention", "eqm_loss", "eqm_interpolate", "reference_ops",
+                "INTERPRET"]

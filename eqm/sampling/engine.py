@@ -148,8 +148,9 @@ class Engine:
         return graph
 
     def _chunk(self):
-        # CPU: check for an all-frozen batch every step (free); CUDA graphs: once per block (one sync).
-        return self.block if (self.cuda_graph or self.stop is None) else 1
+        # CPU: check for an all-frozen batch every step (free); CUDA: once per block (each check is a host sync).
+        every_step = self.stop is not None and not self.cuda_graph and self.device.type == "cpu"
+        return 1 if every_step else self.block
 
     @torch.no_grad()
     def prepare(self, steps):
