@@ -245,8 +245,9 @@ def run(cfg, ckpt, dist_info):
     mine = list(range(rank, n, world))  # this rank's share: disjoint, interleaved like the published code
     threads = runtime.configure_threads(model, min(bs, len(mine) or 1), device=device)
     logger.info(f"Precision {execution['precision']} ({runtime.precision_reason(device)}); {threads} CPU thread(s)")
-    if cfg.runtime.compile is None and mine and cfg.sampling.sampler != "ode":  # "auto": where it pays, by timing
-        execution["compile"] = decide_compile(model, cfg, mine[:bs], labels, execution, device, len(mine), logger)
+    if cfg.runtime.compile is None and cfg.sampling.sampler != "ode":  # "auto": where it pays, by timing
+        on = decide_compile(model, cfg, mine[:bs], labels, execution, device, len(mine), logger) if rank == 0 else None
+        execution["compile"] = bool(distributed.broadcast_object(on))  # rank 0's decision: the same numerics on all
     problem = distributed.broadcast_object(prepare_folder(cfg.folder, cfg.overwrite) if rank == 0 else None)
     if problem:
         raise SystemExit(f"eqm-sample: error: {problem}")
