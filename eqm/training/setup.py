@@ -6,6 +6,7 @@ of the behaviour: the models are initialised right after the seed is set, so a r
 import dataclasses
 import os
 import sys
+from typing import NamedTuple
 from copy import deepcopy
 
 import torch
@@ -43,16 +44,23 @@ def resolve_runtime(rt, world, device):
                                compile=rt.compile if world == 1 else execution.compile)
 
 
-def apply_runtime(model, rt, world):
-    """Set the resolved execution on `model`. Returns the Execution the TrainStep is built with, whether FSDP
-    compiles the blocks, and for one process the compile setting eqm.compiling.AutoCompile applies ("auto",
+class RunExecution(NamedTuple):
+    """How the training step runs: `step` the Execution the TrainStep is built with, `compile_blocks` whether FSDP
+    compiles the blocks, `auto_compile` for one process the setting eqm.compiling.AutoCompile applies ("auto",
     True or False: the step starts eager and compiles when told or when it pays), else None."""
+    step: Execution
+    compile_blocks: bool
+    auto_compile: object
+
+
+def apply_runtime(model, rt, world):
+    """Set the resolved execution on `model`; returns its RunExecution."""
     one_process = world == 1
     execution = Execution("triton" if rt.fused else "reference", bool(rt.compile) and not rt.fsdp and not one_process,
                           rt.precision)
     use_execution(model, execution)
     auto_compile = ("auto" if rt.compile is None else rt.compile) if one_process else None
-    return execution, bool(rt.compile), auto_compile
+    return RunExecution(execution, bool(rt.compile), auto_compile)
 
 
 #################################################################################
@@ -112,16 +120,16 @@ def build_models(cfg, world, device, logger):
 def make_step(cfg, model, ema, opt, strategy, execution, steps_left, device, logger):
     """The TrainStep of the EqM objective (EMA update included); in one process inside eqm.compiling.AutoCompile
     (compiles when told, or once timed eager steps show it pays for the steps left); then the CPU thread governor."""
-    (step_execution, _, auto_compile), o, ob, m = execution, cfg.optim, cfg.objective, cfg.model
-    step_fn = TrainStep(model, opt, execution=step_execution, ema=EMA(model, ema), ema_decay=o.ema_decay,
+    o, ob, m = cfg.optim, cfg.objective, cfg.model
+    step_fn = TrainStep(model, opt, execution=execution.step, ema=EMA(model, ema), ema_decay=o.ema_decay,
                         ddp=strategy.ddp, grad_clip=o.grad_clip or None, a=ob.ct_a, lam=ob.ct_lam,
                         ct_shape=ob.ct_shape, model_kwargs=dict(return_act=ob.disp), check_finite=True,
                         skip_nonfinite=cfg.runtime.on_nonfinite == "skip")
-    if auto_compile is not None:
+    if execution.auto_compile is not None:
         key = compiling.compile_key("train", model, (cfg.data.global_batch_size, m.in_channels, m.input_size,
                                                      m.input_size), step_fn.precision, device)
         step_fn = compiling.AutoCompile(step_fn, step_fn.use_compiled, total_steps=steps_left, key=key, device=device,
-                                        compile=auto_compile, log=logger.info)
+                                        compile=execution.auto_compile, log=logger.info)
     return runtime.ThreadGovernor(step_fn, enabled=device.type == "cpu" and strategy.world == 1)
 
 
@@ -141,7 +149,7 @@ def build_trainer(cfg, info):
     strategy = make_strategy(cfg.runtime.fsdp, rank, world)
     checkpointer = Checkpointer(cfg, exp_dir, strategy, device, logger)
     state, saved_opt = checkpointer.load(model, ema, loader.batches_per_epoch) if cfg.ckpt else (TrainState(), None)
-    strategy.wrap(model, ema, compile_blocks=execution[1], grids=bool(cfg.sample_every))
+    strategy.wrap(model, ema, compile_blocks=execution.compile_blocks, grids=bool(cfg.sample_every))
     opt = make_optimizer(model, lr=cfg.optim.lr)
     checkpointer.restore_optimizer(model, opt, saved_opt)
     total = step_budget(cfg.optim, loader.batches_per_epoch)
