@@ -23,7 +23,7 @@ from eqm.datasets import load_digits_tensor
 from eqm.ema import EMA
 from eqm.fast import TrainStep, make_optimizer
 from eqm.models import EqM_configs, EqM_models
-from eqm.samplers import sample
+from eqm.sampling import sample
 
 DIGITS = PRESETS["digits"]  # the eqm-train / eqm-sample digits defaults
 

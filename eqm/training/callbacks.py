@@ -96,7 +96,7 @@ def grid_inputs(model_cfg, num_classes, seed, device):
 def sample_grid(ema, vae, grids, inputs, path):
     """Sample with the EMA model from fixed noise (GD, grids: a SamplingConfig) and save one PNG grid;
     None when the samples are non-finite."""
-    from eqm.samplers import sample
+    from eqm.sampling import sample
 
     x, y, nrow = inputs
     out = sample(ema, x, y, sampler=grids.sampler, steps=grids.steps, stepsize=grids.stepsize,
