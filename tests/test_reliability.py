@@ -146,9 +146,9 @@ def test_bench_flags_rejected(capsys):
 
 
 def test_nan_training_grid_is_not_written(tmp_path, monkeypatch):
-    from eqm import samplers
+    from eqm import sampling
 
-    monkeypatch.setattr(samplers, "sample", lambda model, x, *a, **k: torch.full_like(x, float("nan")))
+    monkeypatch.setattr(sampling, "sample", lambda model, x, *a, **k: torch.full_like(x, float("nan")))
     s = train.main(TINY[:-2] + ["--results-dir", str(tmp_path / "res"), "--max-steps", "2", "--sample-every", "2",
                                 "--sample-steps", "2"])
     assert s["sample_grid"] is None and not os.path.exists(os.path.join(s["experiment_dir"], "samples"))
